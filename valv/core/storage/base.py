@@ -1,0 +1,88 @@
+"""The storage interface every backend implements.
+
+Storage is an ordered, transactional key-value store with FoundationDB's
+semantics (DESIGN.md §4): serializable transactions, byte-ordered keys, range
+reads and retry on conflict. Keys are tuples packed with ``fdb.tuple`` (see
+``valv.core.storage.keys``), so every backend shares one layout.
+
+Transaction bodies are plain synchronous functions. A backend runs them off
+the event loop (in a worker thread) and may run a body more than once when it
+hits a conflict, so a body must not have side effects outside the
+transaction it is given.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+# FoundationDB's limits, enforced by every backend so that data written to the
+# embedded store can always be migrated to FoundationDB.
+MAX_KEY_BYTES = 10_000
+MAX_VALUE_BYTES = 100_000
+MAX_TRANSACTION_BYTES = 10_000_000
+
+
+class StorageError(Exception):
+    """A storage operation failed."""
+
+
+class LimitExceededError(StorageError):
+    """A key, value or transaction is larger than FoundationDB allows."""
+
+
+class ReadOnlyTransactionError(StorageError):
+    """A write was attempted inside a read-only transaction."""
+
+
+class Transaction(abc.ABC):
+    """One serializable transaction. Only valid inside the body it was given to."""
+
+    @abc.abstractmethod
+    def get(self, key: bytes) -> bytes | None:
+        """The value at ``key``, or None."""
+
+    @abc.abstractmethod
+    def set(self, key: bytes, value: bytes) -> None:
+        """Write ``value`` at ``key``."""
+
+    @abc.abstractmethod
+    def clear(self, key: bytes) -> None:
+        """Remove ``key`` if present."""
+
+    @abc.abstractmethod
+    def clear_range(self, begin: bytes, end: bytes) -> None:
+        """Remove every key k with begin <= k < end."""
+
+    @abc.abstractmethod
+    def get_range(
+        self, begin: bytes, end: bytes, *, limit: int = 0, reverse: bool = False
+    ) -> list[tuple[bytes, bytes]]:
+        """Pairs with begin <= key < end in key order (descending if ``reverse``).
+
+        ``limit`` > 0 caps the number of pairs returned.
+        """
+
+
+class Store(abc.ABC):
+    """A transactional key-value store."""
+
+    @abc.abstractmethod
+    async def run(self, body: Callable[[Transaction], T], *, read_only: bool = False) -> T:
+        """Run ``body`` in one transaction, committing if it returns normally.
+
+        If ``body`` raises, nothing it wrote is committed and the exception
+        propagates. Conflicts are retried by running ``body`` again.
+        """
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Release resources. No transaction may run afterwards."""
+
+    @property
+    @abc.abstractmethod
+    def url(self) -> str:
+        """The storage URL this store was opened from (no secrets)."""
