@@ -1,0 +1,5 @@
+import sys
+
+from valv.cli import main
+
+sys.exit(main())

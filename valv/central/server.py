@@ -1,0 +1,186 @@
+"""The central server process: configuration, startup and clean shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+from grpclib.server import Server
+
+from valv.central.service import (
+    CallTracker,
+    IamPolicyService,
+    KeyManagementService,
+    LocationsService,
+)
+from valv.core.clock import Clock, SystemClock
+from valv.core.crypto.rootkey import (
+    RootKey,
+    RootKeyring,
+    load_or_create_dev_root_key,
+    load_root_key_file,
+)
+from valv.core.keystore import KeyStore, KeystoreSettings
+from valv.core.storage import open_store
+from valv.core.storage.base import Store
+from valv.core.storage.sealed import SealedStore, Sealer
+
+log = logging.getLogger("valv.central")
+
+
+def default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local",
+                                                          "share")
+    return Path(base) / "valv"
+
+
+@dataclass(frozen=True, slots=True)
+class CentralConfig:
+    host: str = "0.0.0.0"  # noqa: S104 - the documented default listen address
+    port: int = 50051
+    unix_socket: Path | None = None
+    data_dir: Path = field(default_factory=default_data_dir)
+    # None: sqlite in data_dir.
+    store_url: str | None = None
+    # Oldest first; the last one wraps new keys. Empty: the dev key in data_dir.
+    master_key_files: tuple[Path, ...] = ()
+    locations: tuple[str, ...] = ("global",)
+    default_rotation_period: timedelta | None = timedelta(days=30)
+    # Written (JSON, atomically) once the server accepts calls: for supervisors and tests.
+    ready_file: Path | None = None
+    drain_timeout_s: float = 10.0
+
+    @property
+    def effective_store_url(self) -> str:
+        return self.store_url or f"sqlite://{(self.data_dir / 'valv.db').absolute()}"
+
+
+def load_root_keys(config: CentralConfig) -> RootKeyring:
+    keys: list[RootKey] = []
+    if config.master_key_files:
+        keys = [load_root_key_file(path) for path in config.master_key_files]
+    else:
+        key, created = load_or_create_dev_root_key(config.data_dir)
+        keys = [key]
+        path = config.data_dir / "master.key"
+        log.warning(
+            "DEVELOPMENT ROOT KEY IN USE: %s %s. Anyone who can read this file can decrypt "
+            "every key in this store. Set VALV_MASTER_KEY_FILE for production.",
+            path, "was just created" if created else "is being used",
+            extra={"fields": {"rmk_id": key.key_id, "dev_key": str(path),
+                              "created": created}},
+        )
+    ring = RootKeyring(keys)
+    for key in keys:
+        key.zeroize()  # the keyring keeps only derived subkeys
+    return ring
+
+
+class CentralServer:
+    """Valv central: the KMS service on TCP (and optionally a unix socket)."""
+
+    def __init__(self, config: CentralConfig, *, clock: Clock | None = None) -> None:
+        self.config = config
+        self.clock: Clock = clock or SystemClock()
+        self.tracker = CallTracker()
+        self.keystore: KeyStore | None = None
+        self._store: Store | None = None
+        self._root_keys: RootKeyring | None = None
+        self._servers: list[Server] = []
+        self.tcp_address: tuple[str, int] | None = None
+
+    async def start(self) -> None:
+        config = self.config
+        config.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._root_keys = load_root_keys(config)
+        raw_store = await open_store(config.effective_store_url)
+        self._store = SealedStore(raw_store, Sealer(self._root_keys))
+        self.keystore = KeyStore(
+            self._store, self._root_keys, self.clock,
+            KeystoreSettings(locations=config.locations,
+                             default_rotation_period=config.default_rotation_period))
+        # grpclib captures the running loop when a Server is built: build here.
+        handlers = [KeyManagementService(self.keystore, self.tracker),
+                    LocationsService(self.keystore, self.tracker),
+                    IamPolicyService(self.tracker)]
+        tcp = Server(handlers)
+        await tcp.start(config.host, config.port)
+        self._servers.append(tcp)
+        sockets = tcp._server.sockets if tcp._server else []  # noqa: SLF001 - bound port
+        bound = sockets[0].getsockname()
+        self.tcp_address = (config.host, int(bound[1]))
+        if config.unix_socket is not None:
+            with contextlib.suppress(FileNotFoundError):
+                config.unix_socket.unlink()
+            unix = Server(handlers)
+            await unix.start(path=str(config.unix_socket))
+            os.chmod(config.unix_socket, 0o600)
+            self._servers.append(unix)
+        log.info("valv central serving", extra={"fields": {
+            "addr": f"{self.tcp_address[0]}:{self.tcp_address[1]}",
+            "unix_socket": str(config.unix_socket) if config.unix_socket else None,
+            "store": raw_store.url, "locations": list(config.locations),
+            "rmk_ids": list(self._root_keys.ids)}})
+        if config.ready_file is not None:
+            self._write_ready_file(config.ready_file)
+
+    def _write_ready_file(self, path: Path) -> None:
+        assert self.tcp_address is not None
+        info = {"addr": f"{self.tcp_address[0]}:{self.tcp_address[1]}",
+                "unix_socket": str(self.config.unix_socket) if self.config.unix_socket else None,
+                "pid": os.getpid()}
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(info))
+        tmp.replace(path)
+
+    async def stop(self) -> None:
+        """Drain in-flight calls (bounded), then stop listening and close storage."""
+        self.tracker.draining = True
+        for server in self._servers:
+            # Stop accepting connections now; grpclib's close() would also cancel
+            # the calls in flight, which we first let finish.
+            if server._server is not None:  # noqa: SLF001
+                server._server.close()  # noqa: SLF001
+        if self.tracker.in_flight:
+            log.info("draining calls", extra={"fields": {"in_flight": self.tracker.in_flight}})
+            try:
+                await asyncio.wait_for(self.tracker.wait_idle(), self.config.drain_timeout_s)
+            except TimeoutError:
+                log.warning("drain timed out; cancelling remaining calls",
+                            extra={"fields": {"in_flight": self.tracker.in_flight}})
+        for server in self._servers:
+            server.close()
+        for server in self._servers:
+            await server.wait_closed()
+        self._servers.clear()
+        if self._store is not None:
+            await self._store.close()
+            self._store = None
+        if self._root_keys is not None:
+            self._root_keys.zeroize()
+        if self.config.unix_socket is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self.config.unix_socket.unlink()
+        log.info("valv central stopped")
+
+
+async def run_central(config: CentralConfig) -> None:
+    """Serve until SIGTERM or SIGINT, then shut down cleanly."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    server = CentralServer(config)
+    await server.start()
+    try:
+        await stop.wait()
+        log.info("shutdown requested")
+    finally:
+        await server.stop()

@@ -1,0 +1,290 @@
+"""google.cloud.kms.v1 KeyManagementService, Locations and IAMPolicy on grpclib.
+
+Thin adapters: each handler turns the request into core arguments, calls the
+KeyStore and turns the result into the response. Validation and semantics
+live in core; status mapping lives in valv.central.errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpclib.const
+from grpclib import GRPCError
+from grpclib.const import Status
+
+from valv._proto.google.cloud.kms import v1 as kms_v1
+from valv._proto.google.cloud.location import (
+    GetLocationRequest,
+    ListLocationsRequest,
+    ListLocationsResponse,
+    Location,
+    LocationsBase,
+)
+from valv._proto.google.iam.v1 import IamPolicyBase
+from valv.central import convert
+from valv.central.errors import to_grpc_error
+from valv.core.errors import InvalidArgument, Unimplemented
+from valv.core.keystore import CryptoKeyUpdate, KeyStore, NewCryptoKey, crc32c
+
+SOFTWARE = kms_v1.ProtectionLevel.SOFTWARE
+
+
+class CallTracker:
+    """Counts calls in flight, so shutdown can drain them before closing."""
+
+    def __init__(self) -> None:
+        self.in_flight = 0
+        self.draining = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def enter(self) -> None:
+        self.in_flight += 1
+        self._idle.clear()
+
+    def leave(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self._idle.set()
+
+    async def wait_idle(self) -> None:
+        await self._idle.wait()
+
+
+StreamHandler = Callable[[Any], Awaitable[None]]
+
+
+def _guard(method: str, handler: StreamHandler, tracker: CallTracker) -> StreamHandler:
+    """Wrap a grpclib stream handler: count it, and map every failure in one place."""
+
+    async def guarded(stream: Any) -> None:
+        if tracker.draining:
+            raise GRPCError(Status.UNAVAILABLE, "the server is shutting down; retry elsewhere")
+        tracker.enter()
+        try:
+            await handler(stream)
+        except Exception as exc:
+            raise to_grpc_error(exc, method) from None
+        finally:
+            tracker.leave()
+
+    return guarded
+
+
+def guarded_mapping(mapping: dict[str, grpclib.const.Handler],
+                    tracker: CallTracker) -> dict[str, grpclib.const.Handler]:
+    """A service mapping whose every handler goes through ``_guard``."""
+    return {
+        path: grpclib.const.Handler(_guard(path.rsplit("/", 1)[-1], handler.func, tracker),
+                                    handler.cardinality, handler.request_type,
+                                    handler.reply_type)
+        for path, handler in mapping.items()
+    }
+
+
+class KeyManagementService(kms_v1.KeyManagementServiceBase):
+    def __init__(self, keystore: KeyStore, tracker: CallTracker) -> None:
+        self._ks = keystore
+        self._tracker = tracker
+
+    def __mapping__(self) -> dict[str, grpclib.const.Handler]:
+        return guarded_mapping(super().__mapping__(), self._tracker)
+
+    # ---- key rings ---------------------------------------------------------
+
+    async def create_key_ring(self, message: kms_v1.CreateKeyRingRequest) -> kms_v1.KeyRing:
+        ring = await self._ks.create_key_ring(message.parent, message.key_ring_id)
+        return convert.key_ring(ring)
+
+    async def get_key_ring(self, message: kms_v1.GetKeyRingRequest) -> kms_v1.KeyRing:
+        return convert.key_ring(await self._ks.get_key_ring(message.name))
+
+    async def list_key_rings(
+        self, message: kms_v1.ListKeyRingsRequest
+    ) -> kms_v1.ListKeyRingsResponse:
+        page = await self._ks.list_key_rings(
+            message.parent, page_size=message.page_size, page_token=message.page_token,
+            filter_text=message.filter, order_by=message.order_by)
+        return kms_v1.ListKeyRingsResponse(
+            key_rings=[convert.key_ring(r) for r in page.items],
+            next_page_token=page.next_page_token, total_size=page.total_size)
+
+    # ---- crypto keys -------------------------------------------------------------
+
+    async def create_crypto_key(self, message: kms_v1.CreateCryptoKeyRequest) -> kms_v1.CryptoKey:
+        requested = message.crypto_key
+        if requested is None:
+            raise InvalidArgument("crypto_key is required (at least its purpose)")
+        if requested.crypto_key_backend:
+            raise Unimplemented("crypto_key_backend (dedicated HSM or EKM backends) is not "
+                                "implemented")
+        if requested.key_access_justifications_policy is not None:
+            raise Unimplemented("key_access_justifications_policy is not implemented")
+        if message.trusted_wrapping_enabled:
+            raise Unimplemented("trusted_wrapping_enabled is not implemented")
+        template = requested.version_template
+        spec = NewCryptoKey(
+            purpose=int(requested.purpose),
+            template_algorithm=int(template.algorithm) if template else 0,
+            template_protection_level=int(template.protection_level) if template else 0,
+            rotation_period=requested.rotation_period,
+            next_rotation_time=requested.next_rotation_time,
+            labels=dict(requested.labels),
+            import_only=requested.import_only,
+            destroy_scheduled_duration=requested.destroy_scheduled_duration,
+        )
+        key = await self._ks.create_crypto_key(
+            message.parent, message.crypto_key_id, spec,
+            skip_initial_version_creation=message.skip_initial_version_creation)
+        return convert.crypto_key(key)
+
+    async def get_crypto_key(self, message: kms_v1.GetCryptoKeyRequest) -> kms_v1.CryptoKey:
+        return convert.crypto_key(await self._ks.get_crypto_key(message.name))
+
+    async def list_crypto_keys(
+        self, message: kms_v1.ListCryptoKeysRequest
+    ) -> kms_v1.ListCryptoKeysResponse:
+        page = await self._ks.list_crypto_keys(
+            message.parent, page_size=message.page_size, page_token=message.page_token,
+            filter_text=message.filter, order_by=message.order_by)
+        return kms_v1.ListCryptoKeysResponse(
+            crypto_keys=[convert.crypto_key(k) for k in page.items],
+            next_page_token=page.next_page_token, total_size=page.total_size)
+
+    async def update_crypto_key(self, message: kms_v1.UpdateCryptoKeyRequest) -> kms_v1.CryptoKey:
+        requested = message.crypto_key
+        if requested is None:
+            raise InvalidArgument("crypto_key is required")
+        template = requested.version_template
+        update = CryptoKeyUpdate(
+            paths=list(message.update_mask.paths) if message.update_mask else [],
+            rotation_period=requested.rotation_period,
+            next_rotation_time=requested.next_rotation_time,
+            labels=dict(requested.labels),
+            template_algorithm=int(template.algorithm) if template else 0,
+            template_protection_level=int(template.protection_level) if template else 0,
+        )
+        return convert.crypto_key(await self._ks.update_crypto_key(requested.name, update))
+
+    async def update_crypto_key_primary_version(
+        self, message: kms_v1.UpdateCryptoKeyPrimaryVersionRequest
+    ) -> kms_v1.CryptoKey:
+        key = await self._ks.update_primary_version(message.name, message.crypto_key_version_id)
+        return convert.crypto_key(key)
+
+    # ---- versions ----------------------------------------------------------------
+
+    async def create_crypto_key_version(
+        self, message: kms_v1.CreateCryptoKeyVersionRequest
+    ) -> kms_v1.CryptoKeyVersion:
+        version = await self._ks.create_crypto_key_version(message.parent)
+        return convert.crypto_key_version(version)
+
+    async def get_crypto_key_version(
+        self, message: kms_v1.GetCryptoKeyVersionRequest
+    ) -> kms_v1.CryptoKeyVersion:
+        return convert.crypto_key_version(await self._ks.get_crypto_key_version(message.name))
+
+    async def list_crypto_key_versions(
+        self, message: kms_v1.ListCryptoKeyVersionsRequest
+    ) -> kms_v1.ListCryptoKeyVersionsResponse:
+        page = await self._ks.list_crypto_key_versions(
+            message.parent, page_size=message.page_size, page_token=message.page_token,
+            filter_text=message.filter, order_by=message.order_by)
+        return kms_v1.ListCryptoKeyVersionsResponse(
+            crypto_key_versions=[convert.crypto_key_version(v) for v in page.items],
+            next_page_token=page.next_page_token, total_size=page.total_size)
+
+    async def update_crypto_key_version(
+        self, message: kms_v1.UpdateCryptoKeyVersionRequest
+    ) -> kms_v1.CryptoKeyVersion:
+        requested = message.crypto_key_version
+        if requested is None:
+            raise InvalidArgument("crypto_key_version is required")
+        version = await self._ks.update_crypto_key_version(
+            requested.name, message.update_mask.paths if message.update_mask else [],
+            int(requested.state))
+        return convert.crypto_key_version(version)
+
+    async def destroy_crypto_key_version(
+        self, message: kms_v1.DestroyCryptoKeyVersionRequest
+    ) -> kms_v1.CryptoKeyVersion:
+        version = await self._ks.destroy_crypto_key_version(message.name)
+        return convert.crypto_key_version(version)
+
+    async def restore_crypto_key_version(
+        self, message: kms_v1.RestoreCryptoKeyVersionRequest
+    ) -> kms_v1.CryptoKeyVersion:
+        version = await self._ks.restore_crypto_key_version(message.name)
+        return convert.crypto_key_version(version)
+
+    # ---- cryptography ------------------------------------------------------------
+
+    async def encrypt(self, message: kms_v1.EncryptRequest) -> kms_v1.EncryptResponse:
+        result = await self._ks.encrypt(
+            message.name, message.plaintext, message.additional_authenticated_data,
+            plaintext_crc32c=message.plaintext_crc32c,
+            aad_crc32c=message.additional_authenticated_data_crc32c)
+        return kms_v1.EncryptResponse(
+            name=str(result.version_name),
+            ciphertext=result.ciphertext,
+            ciphertext_crc32c=result.ciphertext_crc32c,
+            verified_plaintext_crc32c=result.verified_plaintext_crc32c,
+            verified_additional_authenticated_data_crc32c=result.verified_aad_crc32c,
+            protection_level=SOFTWARE,
+        )
+
+    async def decrypt(self, message: kms_v1.DecryptRequest) -> kms_v1.DecryptResponse:
+        result = await self._ks.decrypt(
+            message.name, message.ciphertext, message.additional_authenticated_data,
+            ciphertext_crc32c=message.ciphertext_crc32c,
+            aad_crc32c=message.additional_authenticated_data_crc32c)
+        return kms_v1.DecryptResponse(
+            plaintext=result.plaintext, plaintext_crc32c=result.plaintext_crc32c,
+            used_primary=result.used_primary, protection_level=SOFTWARE)
+
+    async def generate_random_bytes(
+        self, message: kms_v1.GenerateRandomBytesRequest
+    ) -> kms_v1.GenerateRandomBytesResponse:
+        data = self._ks.generate_random_bytes(
+            message.location, message.length_bytes, int(message.protection_level))
+        return kms_v1.GenerateRandomBytesResponse(data=data, data_crc32c=crc32c(data))
+
+
+class LocationsService(LocationsBase):
+    """The google.cloud.location.Locations mixin over the configured locations."""
+
+    def __init__(self, keystore: KeyStore, tracker: CallTracker) -> None:
+        self._ks = keystore
+        self._tracker = tracker
+
+    def __mapping__(self) -> dict[str, grpclib.const.Handler]:
+        return guarded_mapping(super().__mapping__(), self._tracker)
+
+    @staticmethod
+    def _location(name: Any) -> Location:
+        return Location(name=str(name), location_id=name.location, display_name=name.location)
+
+    async def list_locations(self, message: ListLocationsRequest) -> ListLocationsResponse:
+        names = self._ks.list_locations(message.name)
+        return ListLocationsResponse(locations=[self._location(n) for n in names])
+
+    async def get_location(self, message: GetLocationRequest) -> Location:
+        return self._location(self._ks.get_location(message.name))
+
+
+class IamPolicyService(IamPolicyBase):
+    """The google.iam.v1.IAMPolicy mixin: declared, not implemented yet.
+
+    Serving it (rather than leaving the path unknown) gives callers a clear
+    UNIMPLEMENTED message instead of grpclib's generic "method not found".
+    """
+
+    def __init__(self, tracker: CallTracker) -> None:
+        self._tracker = tracker
+
+    def __mapping__(self) -> dict[str, grpclib.const.Handler]:
+        return guarded_mapping(super().__mapping__(), self._tracker)

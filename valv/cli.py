@@ -1,0 +1,79 @@
+"""The ``valv`` command."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+
+from valv.settings import env_flag, parse_address, parse_duration
+
+
+def _add_central(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from valv.central.server import default_data_dir
+
+    p = sub.add_parser(
+        "central", help="run the central KMS server",
+        description="Run Valv central: the Cloud KMS v1 compatible gRPC server. Every flag "
+                    "can also be set with the environment variable shown.")
+    env_flag(p, "--addr", "VALV_ADDR", default="0.0.0.0:50051",  # noqa: S104
+             help="TCP listen address HOST:PORT (port 0 picks a free port)")
+    env_flag(p, "--unix-socket", "VALV_UNIX_SOCKET",
+             help="also listen on this unix socket path (created mode 0600)")
+    env_flag(p, "--data-dir", "VALV_DATA_DIR", default=str(default_data_dir()),
+             help="directory for the embedded store and the development master key")
+    env_flag(p, "--store", "VALV_STORE",
+             help="storage URL, e.g. sqlite:///var/lib/valv/valv.db "
+                  "(default: sqlite file valv.db in the data dir)")
+    env_flag(p, "--master-key-file", "VALV_MASTER_KEY_FILE",
+             help="root master key file(s), comma-separated, oldest first; the last wraps "
+                  "new keys (default: a development key created in the data dir, with a "
+                  "warning)")
+    env_flag(p, "--locations", "VALV_LOCATIONS", default="global",
+             help="comma-separated locations this server serves")
+    env_flag(p, "--default-rotation-period", "VALV_DEFAULT_ROTATION_PERIOD", default="30d",
+             help="rotation period for CryptoKeys created without one (e.g. 30d, 90d, 'off')")
+    env_flag(p, "--log-level", "VALV_LOG_LEVEL", default="info",
+             help="log verbosity: debug, info, warning, error")
+    env_flag(p, "--ready-file", "VALV_READY_FILE",
+             help="write {addr, unix_socket, pid} as JSON here once serving")
+    p.set_defaults(func=_run_central)
+
+
+def _run_central(args: argparse.Namespace) -> int:
+    from valv.central.server import CentralConfig, run_central
+    from valv.logs import setup_logging
+
+    setup_logging(args.log_level)
+    host, port = parse_address(args.addr)
+    locations = tuple(loc.strip() for loc in args.locations.split(",") if loc.strip())
+    config = CentralConfig(
+        host=host, port=port,
+        unix_socket=Path(args.unix_socket) if args.unix_socket else None,
+        data_dir=Path(args.data_dir),
+        store_url=args.store or None,
+        master_key_files=tuple(Path(p.strip()) for p in (args.master_key_file or "").split(",")
+                               if p.strip()),
+        locations=locations or ("global",),
+        default_rotation_period=parse_duration(args.default_rotation_period),
+        ready_file=Path(args.ready_file) if args.ready_file else None,
+    )
+    asyncio.run(run_central(config))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="valv", description="Valv: a self-hosted, Cloud KMS compatible key manager")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_central(sub)
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
