@@ -68,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
         prog="valv", description="Valv: a self-hosted, Cloud KMS compatible key manager")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_central(sub)
+    from valv import bench
+
+    bench.add_parser(sub)
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))
