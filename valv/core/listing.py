@@ -212,6 +212,9 @@ def check_page_size(page_size: int) -> int:
 # ---- page tokens -------------------------------------------------------------
 
 _TOKEN_MAC_BYTES = 16
+# Tokens are unpadded urlsafe base64; anything else (padding, whitespace, other
+# characters, non-canonical trailing bits) is rejected, so a token has one spelling.
+_TOKEN_TEXT = re.compile(r"[A-Za-z0-9_-]+")
 
 
 class PageTokens:
@@ -243,10 +246,14 @@ class PageTokens:
             "page_token is invalid: pass a next_page_token from a previous response "
             "of the same List call, unchanged"
         )
+        if not isinstance(token, str) or _TOKEN_TEXT.fullmatch(token) is None:
+            raise bad
         try:
             raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
         except (ValueError, TypeError):
             raise bad from None
+        if base64.urlsafe_b64encode(raw).decode().rstrip("=") != token:
+            raise bad
         if len(raw) <= _TOKEN_MAC_BYTES:
             raise bad
         body, mac = raw[:-_TOKEN_MAC_BYTES], raw[-_TOKEN_MAC_BYTES:]
