@@ -29,6 +29,7 @@ from grpclib.client import Channel
 from grpclib.server import Server
 
 from valv._proto.google.cloud.kms import v1 as kms_v1
+from valv.netutil import bound_port
 
 DEK = bytes(range(32))
 
@@ -43,8 +44,7 @@ class EchoService(kms_v1.KeyManagementServiceBase):
 async def _serve_echo(ready_file: Path) -> None:
     server = Server([EchoService()])
     await server.start("127.0.0.1", 0)
-    sockets = server._server.sockets if server._server else []  # noqa: SLF001
-    port = sockets[0].getsockname()[1]
+    port = bound_port(server)
     ready_file.write_text(json.dumps({"addr": f"127.0.0.1:{port}"}))
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
@@ -110,7 +110,7 @@ async def _prepare_key(addr: str) -> str:
         parent=ring.name, crypto_key_id="dek-wrapper",
         crypto_key=kms_v1.CryptoKey(purpose=kms_v1.CryptoKeyCryptoKeyPurpose.ENCRYPT_DECRYPT)))
     channel.close()
-    return key.name
+    return str(key.name)
 
 
 def run_bench(calls: int, concurrencies: list[int]) -> list[tuple[Result, Result]]:
@@ -164,7 +164,8 @@ def main(args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=2))
     else:
         print("Encrypt of a 32-byte DEK, 127.0.0.1 TCP, grpclib client")
-        print(f"{'in flight':>9}  {'baseline req/s':>14}  {'valv req/s':>10}  {'valv/baseline':>13}")
+        print(f"{'in flight':>9}  {'baseline req/s':>14}  {'valv req/s':>10}  "
+              f"{'valv/baseline':>13}")
         for row in rows:
             print(f"{row['concurrency']:>9}  {row['baseline_rps']:>14.1f}  "
                   f"{row['valv_rps']:>10.1f}  {row['ratio']:>13.3f}")

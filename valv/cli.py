@@ -17,7 +17,7 @@ def _add_central(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         "central", help="run the central KMS server",
         description="Run Valv central: the Cloud KMS v1 compatible gRPC server. Every flag "
                     "can also be set with the environment variable shown.")
-    env_flag(p, "--addr", "VALV_ADDR", default="0.0.0.0:50051",  # noqa: S104
+    env_flag(p, "--addr", "VALV_ADDR", default="0.0.0.0:50051",
              help="TCP listen address HOST:PORT (port 0 picks a free port)")
     env_flag(p, "--unix-socket", "VALV_UNIX_SOCKET",
              help="also listen on this unix socket path (created mode 0600)")

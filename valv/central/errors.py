@@ -1,8 +1,9 @@
 """The one place where exceptions become gRPC statuses.
 
 Handlers raise domain errors (valv.core.errors) or let storage/crypto errors
-propagate; ``to_grpc_error`` (called by the call guard in service.py) turns each into the status Cloud KMS would return, with
-a message a person can act on. Nothing else reaches the caller: an unexpected
+propagate; ``to_grpc_error`` (called by the call guard in service.py) turns
+each into the status Cloud KMS would return, with a message a person can act
+on. Nothing else reaches the caller: an unexpected
 exception is logged here with its traceback and reported as INTERNAL with a
 reference id, never with the traceback.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+
 from grpclib import GRPCError
 from grpclib.const import Status
 

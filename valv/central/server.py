@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
+from grpclib._typing import IServable
 from grpclib.server import Server
 
 from valv.central.service import (
@@ -31,6 +32,7 @@ from valv.core.keystore import KeyStore, KeystoreSettings
 from valv.core.storage import open_store
 from valv.core.storage.base import Store
 from valv.core.storage.sealed import SealedStore, Sealer
+from valv.netutil import bound_port
 
 log = logging.getLogger("valv.central")
 
@@ -107,15 +109,13 @@ class CentralServer:
             KeystoreSettings(locations=config.locations,
                              default_rotation_period=config.default_rotation_period))
         # grpclib captures the running loop when a Server is built: build here.
-        handlers = [KeyManagementService(self.keystore, self.tracker),
+        handlers: list[IServable] = [KeyManagementService(self.keystore, self.tracker),
                     LocationsService(self.keystore, self.tracker),
                     IamPolicyService(self.tracker)]
         tcp = Server(handlers)
         await tcp.start(config.host, config.port)
         self._servers.append(tcp)
-        sockets = tcp._server.sockets if tcp._server else []  # noqa: SLF001 - bound port
-        bound = sockets[0].getsockname()
-        self.tcp_address = (config.host, int(bound[1]))
+        self.tcp_address = (config.host, bound_port(tcp))
         if config.unix_socket is not None:
             with contextlib.suppress(FileNotFoundError):
                 config.unix_socket.unlink()
@@ -146,8 +146,8 @@ class CentralServer:
         for server in self._servers:
             # Stop accepting connections now; grpclib's close() would also cancel
             # the calls in flight, which we first let finish.
-            if server._server is not None:  # noqa: SLF001
-                server._server.close()  # noqa: SLF001
+            if server._server is not None:
+                server._server.close()
         if self.tracker.in_flight:
             log.info("draining calls", extra={"fields": {"in_flight": self.tracker.in_flight}})
             try:
