@@ -414,8 +414,8 @@ class KeyStore:
             _check_labels(update.labels)
         if {"version_template.algorithm", "version_template"} & paths:
             algorithm = self._check_algorithm(update.template_algorithm)
-        if "version_template" in paths:
-            self._check_protection_level(update.template_protection_level)
+        # version_template.protection_level is immutable: the transaction below rejects a
+        # change with INVALID_ARGUMENT (not UNIMPLEMENTED, whatever the level).
 
         def body(tr: Transaction) -> CryptoKey:
             state = self._load_key_state(tr, key_name)
@@ -431,7 +431,9 @@ class KeyStore:
                 changes["template_algorithm"] = algorithm
             if ("version_template" in paths and
                     update.template_protection_level not in (0, key.template_protection_level)):
-                raise InvalidArgument("version_template.protection_level cannot be changed")
+                raise InvalidArgument(
+                    "version_template.protection_level cannot be changed (the key is "
+                    f"{enum_name(ProtectionLevel, key.template_protection_level)})")
             state.key = replace(key, **changes)
             tr.set(records.crypto_key_key(key_name), records.encode_crypto_key(state))
             return self._resolve(tr, state)
