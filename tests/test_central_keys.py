@@ -406,8 +406,10 @@ GOOD_LABELS = [
     {"a-b_c9": "0-_x"},
     {"v": "123"},
     {f"l{i}": str(i) for i in range(64)},
+    {"ключ": "значение"},  # international lowercase letters are allowed, as in Google Cloud
 ]
 BAD_LABELS = [
+    {"Ключ": "x"},
     {"Env": "prod"},
     {"1env": "prod"},
     {"_env": "prod"},
