@@ -511,6 +511,28 @@ def test_update_can_disable_rotation(kms: Client, crypto_key: str) -> None:
     assert not got.HasField("rotation_period") and not got.HasField("next_rotation_time")
 
 
+def test_update_cannot_leave_a_period_without_a_next_rotation_time(kms: Client,
+                                                                  crypto_key: str) -> None:
+    _update(kms, crypto_key, ["rotation_period", "next_rotation_time"])  # rotation off
+    with pytest.raises(gexc.InvalidArgument) as caught:
+        _update(kms, crypto_key, ["rotation_period"], rotation_period=timedelta(days=7))
+    assert "next_rotation_time" in caught.value.message
+    assert not _pb(kms.get_crypto_key(request={"name": crypto_key}, **CALL)).HasField(
+        "rotation_period")
+    when = datetime.now(UTC).replace(microsecond=0) + timedelta(days=1)
+    key = _update(kms, crypto_key, ["rotation_period", "next_rotation_time"],
+                  rotation_period=timedelta(days=7), next_rotation_time=when)
+    assert key.rotation_period == timedelta(days=7)
+    # Removing only the next time while a period remains is refused too.
+    with pytest.raises(gexc.InvalidArgument) as caught:
+        _update(kms, crypto_key, ["next_rotation_time"])
+    assert "next_rotation_time" in caught.value.message
+    # A one-off rotation (a next time, no period) is fine.
+    one_off = _update(kms, crypto_key, ["rotation_period"])
+    assert not _pb(one_off).HasField("rotation_period")
+    assert _pb(one_off).next_rotation_time.ToDatetime(tzinfo=UTC) == when
+
+
 @pytest.mark.parametrize("period", [timedelta(hours=1), timedelta(0),
                                     timedelta(days=36_501)])
 def test_update_with_invalid_rotation_period(kms: Client, crypto_key: str,

@@ -435,6 +435,12 @@ class KeyStore:
                     "version_template.protection_level cannot be changed (the key is "
                     f"{enum_name(ProtectionLevel, key.template_protection_level)})")
             state.key = replace(key, **changes)
+            if state.key.rotation_period is not None and state.key.next_rotation_time is None:
+                # As Cloud KMS: a period without a next time would silently never rotate.
+                raise InvalidArgument(
+                    "next_rotation_time must be set when rotation_period is set: include "
+                    "next_rotation_time in update_mask, or clear both to disable rotation"
+                )
             tr.set(records.crypto_key_key(key_name), records.encode_crypto_key(state))
             return self._resolve(tr, state)
 
