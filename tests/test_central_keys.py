@@ -612,6 +612,9 @@ def test_everything_survives_a_restart(fresh_central: CentralProcess) -> None:
         request={"name": f"{key.name}/cryptoKeyVersions/3"}, **CALL)
     before_key = _pb(kms.get_crypto_key(request={"name": key.name}, **CALL))
     before_ring = kms_v1.KeyRing.pb(kms.get_key_ring(request={"name": ring.name}, **CALL))
+    first_page = kms.list_crypto_key_versions(request={"parent": key.name, "page_size": 2},
+                                              **CALL)
+    assert first_page.next_page_token
     kms.transport.close()
 
     fresh_central.restart()
@@ -634,4 +637,8 @@ def test_everything_survives_a_restart(fresh_central: CentralProcess) -> None:
     assert _versions(kms, key.name) == ["1", "2", "3", "4"]
     with pytest.raises(gexc.AlreadyExists):
         _create_key(kms, ring.name)
+    # A page token issued before the restart still continues the listing.
+    rest = kms.list_crypto_key_versions(request={
+        "parent": key.name, "page_size": 2, "page_token": first_page.next_page_token}, **CALL)
+    assert [v.name.rsplit("/", 1)[1] for v in rest.crypto_key_versions] == ["3", "4"]
     kms.transport.close()

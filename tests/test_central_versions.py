@@ -6,6 +6,7 @@ and primary version changes, with what Encrypt/Decrypt then do.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -82,6 +83,16 @@ def test_create_version_numbers_and_does_not_change_primary(kms: Client,
     assert ct.name == v3.name
     out = _decrypt(kms, crypto_key, ct.ciphertext)
     assert out.plaintext == b"via v3" and not out.used_primary
+
+
+def test_concurrent_creates_get_distinct_ids(kms: Client, crypto_key: str) -> None:
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        names = list(pool.map(lambda _: _new_version(kms, crypto_key).name, range(24)))
+    assert sorted(names, key=lambda n: int(n.rsplit("/", 1)[1])) == [
+        _v(crypto_key, n) for n in range(2, 26)]
+    listed = [v.name for v in kms.list_crypto_key_versions(request={"parent": crypto_key},
+                                                           **CALL)]
+    assert listed == [_v(crypto_key, n) for n in range(1, 26)]
 
 
 # ---- ENABLED <-> DISABLED ---------------------------------------------------------------------
