@@ -43,6 +43,8 @@ def _add_central(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
 
 def _run_central(args: argparse.Namespace) -> int:
     from valv.central.server import CentralConfig, run_central
+    from valv.core.crypto.errors import RootKeyConfigError
+    from valv.core.storage.base import StorageError
     from valv.logs import setup_logging
 
     setup_logging(args.log_level)
@@ -59,7 +61,12 @@ def _run_central(args: argparse.Namespace) -> int:
         default_rotation_period=parse_duration(args.default_rotation_period),
         ready_file=Path(args.ready_file) if args.ready_file else None,
     )
-    asyncio.run(run_central(config))
+    try:
+        asyncio.run(run_central(config))
+    except (RootKeyConfigError, StorageError) as exc:
+        # A configuration problem found at startup: one clear line, not a traceback.
+        print(f"valv central: error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
