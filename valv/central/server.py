@@ -20,6 +20,7 @@ from valv.central.service import (
     IamPolicyService,
     KeyManagementService,
     LocationsService,
+    OperationsService,
 )
 from valv.core.clock import Clock, SystemClock
 from valv.core.crypto.rootkey import (
@@ -111,7 +112,8 @@ class CentralServer:
         # grpclib captures the running loop when a Server is built: build here.
         handlers: list[IServable] = [KeyManagementService(self.keystore, self.tracker),
                     LocationsService(self.keystore, self.tracker),
-                    IamPolicyService(self.tracker)]
+                    IamPolicyService(self.tracker),
+                    OperationsService(self.tracker)]
         tcp = Server(handlers)
         await tcp.start(config.host, config.port)
         self._servers.append(tcp)

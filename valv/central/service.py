@@ -24,6 +24,7 @@ from valv._proto.google.cloud.location import (
     LocationsBase,
 )
 from valv._proto.google.iam.v1 import IamPolicyBase
+from valv._proto.google.longrunning import OperationsBase
 from valv.central import convert
 from valv.central.errors import to_grpc_error
 from valv.core.errors import InvalidArgument, Unimplemented
@@ -281,6 +282,20 @@ class IamPolicyService(IamPolicyBase):
 
     Serving it (rather than leaving the path unknown) gives callers a clear
     UNIMPLEMENTED message instead of grpclib's generic "method not found".
+    """
+
+    def __init__(self, tracker: CallTracker) -> None:
+        self._tracker = tracker
+
+    def __mapping__(self) -> dict[str, grpclib.const.Handler]:
+        return guarded_mapping(super().__mapping__(), self._tracker)
+
+
+class OperationsService(OperationsBase):
+    """The google.longrunning.Operations mixin Google's client exposes (get_operation).
+
+    Valv has no long-running operations yet; serving the service gives a clear
+    UNIMPLEMENTED naming the method rather than grpclib's "Method not found".
     """
 
     def __init__(self, tracker: CallTracker) -> None:
