@@ -11,6 +11,7 @@ import json
 import os
 import re
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -257,6 +258,34 @@ def test_bad_store_url_exits_with_a_clear_error(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert "bogus" in result.stderr
+
+
+@pytest.mark.parametrize(("env", "expect"), [
+    ({"VALV_ADDR": "nonsense"}, "not an address"),
+    ({"VALV_ADDR": "127.0.0.1:99999"}, "0-65535"),
+    ({"VALV_DEFAULT_ROTATION_PERIOD": "fortnightly"}, "not a duration"),
+    ({"VALV_LOG_LEVEL": "loud"}, "LOUD"),
+    ({"VALV_LOCATIONS": "global,eu/west"}, "eu/west"),
+])
+def test_bad_setting_exits_with_a_clear_error(tmp_path: Path, env: dict[str, str],
+                                              expect: str) -> None:
+    result = run_valv("central", "--data-dir", str(tmp_path / "d"), env=env)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+    assert expect in result.stderr
+
+
+def test_listen_address_in_use_exits_with_a_clear_error(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_valv("central", "--data-dir", str(tmp_path / "d"),
+                          "--addr", f"127.0.0.1:{port}")
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "address already in use" in result.stderr
 
 
 def test_master_key_files_and_rotation(tmp_path: Path, project: str) -> None:

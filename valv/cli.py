@@ -44,27 +44,37 @@ def _add_central(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
 def _run_central(args: argparse.Namespace) -> int:
     from valv.central.server import CentralConfig, run_central
     from valv.core.crypto.errors import RootKeyConfigError
+    from valv.core.errors import ValvError
+    from valv.core.names import check_id
     from valv.core.storage.base import StorageError
     from valv.logs import setup_logging
 
-    setup_logging(args.log_level)
-    host, port = parse_address(args.addr)
-    locations = tuple(loc.strip() for loc in args.locations.split(",") if loc.strip())
-    config = CentralConfig(
-        host=host, port=port,
-        unix_socket=Path(args.unix_socket) if args.unix_socket else None,
-        data_dir=Path(args.data_dir),
-        store_url=args.store or None,
-        master_key_files=tuple(Path(p.strip()) for p in (args.master_key_file or "").split(",")
-                               if p.strip()),
-        locations=locations or ("global",),
-        default_rotation_period=parse_duration(args.default_rotation_period),
-        ready_file=Path(args.ready_file) if args.ready_file else None,
-    )
+    try:
+        setup_logging(args.log_level)
+        host, port = parse_address(args.addr)
+        locations = tuple(loc.strip() for loc in args.locations.split(",") if loc.strip())
+        for loc in locations:
+            check_id(loc, "location")
+        config = CentralConfig(
+            host=host, port=port,
+            unix_socket=Path(args.unix_socket) if args.unix_socket else None,
+            data_dir=Path(args.data_dir),
+            store_url=args.store or None,
+            master_key_files=tuple(Path(p.strip())
+                                   for p in (args.master_key_file or "").split(",")
+                                   if p.strip()),
+            locations=locations or ("global",),
+            default_rotation_period=parse_duration(args.default_rotation_period),
+            ready_file=Path(args.ready_file) if args.ready_file else None,
+        )
+    except (argparse.ArgumentTypeError, ValueError, ValvError) as exc:
+        print(f"valv central: error: {exc}", file=sys.stderr)
+        return 2
     try:
         asyncio.run(run_central(config))
-    except (RootKeyConfigError, StorageError) as exc:
-        # A configuration problem found at startup: one clear line, not a traceback.
+    except (RootKeyConfigError, StorageError, OSError) as exc:
+        # A configuration problem found at startup (root key, storage, listen
+        # address): one clear line, not a traceback.
         print(f"valv central: error: {exc}", file=sys.stderr)
         return 2
     return 0

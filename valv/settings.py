@@ -40,6 +40,7 @@ def parse_duration(text: str) -> timedelta | None:
 def parse_address(text: str) -> tuple[str, int]:
     """'host:port' or '[v6]:port' into (host, port)."""
     host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not host:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an address; use HOST:PORT")
+    if not sep or not port.isdigit() or not host or int(port) > 65535:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an address; use HOST:PORT with a port in 0-65535")
     return host.strip("[]"), int(port)
