@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import google_crc32c
 import grpc
 import pytest
 from google.api_core import exceptions as gexc
@@ -28,7 +29,7 @@ from google.cloud.kms_v1.services.key_management_service.transports import (
 )
 from google.iam.v1 import policy_pb2
 
-from tests.helpers import CALL, STARTUP_DEADLINE_S, CentralProcess
+from tests.helpers import CALL, STARTUP_DEADLINE_S, CentralProcess, wait_for
 
 Client = kms_v1.KeyManagementServiceClient
 ENCRYPT_DECRYPT = kms_v1.CryptoKey.CryptoKeyPurpose.ENCRYPT_DECRYPT
@@ -363,3 +364,101 @@ def test_restart_after_signal_keeps_data(fresh_central: CentralProcess, project:
     kms = fresh_central.client()
     got = kms.get_crypto_key(request={"name": key}, **CALL)
     assert got.primary.name == f"{key}/cryptoKeyVersions/1"
+
+
+class RawGrpc:
+    """A bare HTTP/2 gRPC client, so a test can hold a call open between its headers
+    and its request message (Google's client sends both at once)."""
+
+    def __init__(self, addr: str) -> None:
+        import h2.config
+        import h2.connection
+
+        host, port = addr.rsplit(":", 1)
+        self.addr = addr
+        self.sock = socket.create_connection((host, int(port)), timeout=10)
+        self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        self.conn.initiate_connection()
+        self.meta: dict[int, dict[bytes, bytes]] = {}
+        self.body: dict[int, bytes] = {}
+        self.ended: set[int] = set()
+        self.pongs = 0
+        self.flush()
+
+    def flush(self) -> None:
+        self.sock.sendall(self.conn.data_to_send())
+
+    def _pump(self) -> None:
+        import h2.events
+
+        chunk = self.sock.recv(65536)
+        assert chunk, "the server closed the connection"
+        for event in self.conn.receive_data(chunk):
+            if isinstance(event, h2.events.ResponseReceived | h2.events.TrailersReceived):
+                self.meta.setdefault(event.stream_id, {}).update(dict(event.headers))
+            elif isinstance(event, h2.events.DataReceived):
+                self.body[event.stream_id] = self.body.get(event.stream_id, b"") + event.data
+                self.conn.acknowledge_received_data(event.flow_controlled_length,
+                                                    event.stream_id)
+            elif isinstance(event, h2.events.StreamEnded):
+                self.ended.add(event.stream_id)
+            elif isinstance(event, h2.events.PingAckReceived):
+                self.pongs += 1
+        self.flush()
+
+    def sync(self) -> None:
+        """Round-trip a PING: the server has then processed every frame sent before it."""
+        expected = self.pongs + 1
+        self.conn.ping(b"valvsync")
+        self.flush()
+        while self.pongs < expected:
+            self._pump()
+
+    def start_call(self, stream_id: int, method: str) -> None:
+        self.conn.send_headers(stream_id, [
+            (":method", "POST"), (":scheme", "http"), (":authority", self.addr),
+            (":path", f"/google.cloud.kms.v1.KeyManagementService/{method}"),
+            ("content-type", "application/grpc"), ("te", "trailers")])
+        self.flush()
+
+    def send_request(self, stream_id: int, message: bytes) -> None:
+        frame = b"\x00" + len(message).to_bytes(4, "big") + message
+        self.conn.send_data(stream_id, frame, end_stream=True)
+        self.flush()
+
+    def finish(self, stream_ids: set[int]) -> dict[int, tuple[dict[bytes, bytes], bytes]]:
+        """Read until every stream in ``stream_ids`` ended: (headers+trailers, body)."""
+        while not stream_ids <= self.ended:
+            self._pump()
+        self.sock.close()
+        return {s: (self.meta.get(s, {}), self.body.get(s, b"")) for s in stream_ids}
+
+
+def test_sigterm_lets_a_call_in_flight_finish(fresh_central: CentralProcess) -> None:
+    request = kms_v1.GenerateRandomBytesRequest.serialize(kms_v1.GenerateRandomBytesRequest(
+        location="projects/p/locations/global", length_bytes=16))
+    raw = RawGrpc(fresh_central.addr)
+    raw.start_call(1, "GenerateRandomBytes")  # in flight: headers in, message not yet
+    # grpclib starts the handler (which counts the call) when the headers arrive, before
+    # it answers a later PING, so after this round trip the call is in flight.
+    raw.sync()
+    assert fresh_central.proc is not None
+    fresh_central.proc.send_signal(signal.SIGTERM)
+    wait_for(lambda: '"in_flight": 1' in fresh_central.logs(), deadline_s=10,
+             what="central to start draining the call in flight")
+    raw.start_call(3, "GenerateRandomBytes")  # a new call while draining
+    raw.send_request(3, request)
+    raw.send_request(1, request)
+    results = raw.finish({1, 3})
+
+    meta, body = results[1]
+    assert meta[b"grpc-status"] == b"0"
+    response = kms_v1.GenerateRandomBytesResponse.deserialize(body[5:])
+    assert len(response.data) == 16
+    assert response.data_crc32c == int(google_crc32c.value(response.data))
+    meta, _ = results[3]
+    assert meta[b"grpc-status"] == str(grpc.StatusCode.UNAVAILABLE.value[0]).encode()
+    assert b"shutting down" in meta[b"grpc-message"]
+
+    assert fresh_central.proc.wait(timeout=30) == 0
+    assert "valv central stopped" in fresh_central.logs()
