@@ -462,3 +462,19 @@ def test_sigterm_lets_a_call_in_flight_finish(fresh_central: CentralProcess) -> 
 
     assert fresh_central.proc.wait(timeout=30) == 0
     assert "valv central stopped" in fresh_central.logs()
+
+
+@pytest.mark.parametrize(("method", "payload"), [
+    ("GenerateRandomBytes", b"\x10"),  # truncated varint
+    ("Encrypt", b"\x0a\x02\xff\xfe"),  # name is not UTF-8
+    ("Decrypt", b"\x0a\x01\xc3"),  # name is a truncated UTF-8 sequence
+])
+def test_undecodable_request_is_invalid_argument(central: CentralProcess, method: str,
+                                                 payload: bytes) -> None:
+    raw = RawGrpc(central.addr)
+    raw.start_call(1, method)
+    raw.send_request(1, payload)
+    meta, _ = raw.finish({1})[1]
+    assert meta[b"grpc-status"] == str(grpc.StatusCode.INVALID_ARGUMENT.value[0]).encode()
+    assert f"{method}Request".encode() in meta[b"grpc-message"]
+    assert "Traceback" not in central.logs()

@@ -21,6 +21,7 @@ from valv.central.service import (
     KeyManagementService,
     LocationsService,
     OperationsService,
+    server_codecs,
 )
 from valv.core.clock import Clock, SystemClock
 from valv.core.crypto.rootkey import (
@@ -114,14 +115,14 @@ class CentralServer:
                     LocationsService(self.keystore, self.tracker),
                     IamPolicyService(self.tracker),
                     OperationsService(self.tracker)]
-        tcp = Server(handlers)
+        tcp = Server(handlers, **server_codecs())
         await tcp.start(config.host, config.port)
         self._servers.append(tcp)
         self.tcp_address = (config.host, bound_port(tcp))
         if config.unix_socket is not None:
             with contextlib.suppress(FileNotFoundError):
                 config.unix_socket.unlink()
-            unix = Server(handlers)
+            unix = Server(handlers, **server_codecs())
             await unix.start(path=str(config.unix_socket))
             os.chmod(config.unix_socket, 0o600)
             self._servers.append(unix)

@@ -14,6 +14,7 @@ from typing import Any
 import grpclib.const
 from grpclib import GRPCError
 from grpclib.const import Status
+from grpclib.encoding.proto import ProtoCodec
 
 from valv._proto.google.cloud.kms import v1 as kms_v1
 from valv._proto.google.cloud.location import (
@@ -53,6 +54,32 @@ class CallTracker:
 
     async def wait_idle(self) -> None:
         await self._idle.wait()
+
+
+class RequestCodec(ProtoCodec):
+    """grpclib's protobuf codec, except that a request that does not parse (truncated,
+    invalid UTF-8 in a string field...) is the caller's error: INVALID_ARGUMENT, not
+    INTERNAL with a server-side traceback."""
+
+    def decode(self, data: bytes, message_type: Any) -> Any:
+        try:
+            return super().decode(data, message_type)
+        except Exception as exc:
+            raise GRPCError(
+                Status.INVALID_ARGUMENT,
+                f"the request is not a valid {getattr(message_type, '__name__', 'protobuf')} "
+                f"message ({type(exc).__name__})",
+            ) from None
+
+
+def server_codecs() -> dict[str, Any]:
+    """The ``codec``/``status_details_codec`` arguments for every grpclib Server."""
+    try:
+        import google.rpc.status_pb2  # noqa: F401 - what grpclib's default needs
+        from grpclib.encoding.proto import ProtoStatusDetailsCodec
+    except ImportError:
+        return {"codec": RequestCodec(), "status_details_codec": None}
+    return {"codec": RequestCodec(), "status_details_codec": ProtoStatusDetailsCodec()}
 
 
 StreamHandler = Callable[[Any], Awaitable[None]]
