@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 from valv.settings import env_flag, parse_address, parse_duration
@@ -34,11 +35,26 @@ def _add_central(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
              help="comma-separated locations this server serves")
     env_flag(p, "--default-rotation-period", "VALV_DEFAULT_ROTATION_PERIOD", default="30d",
              help="rotation period for CryptoKeys created without one (e.g. 30d, 90d, 'off')")
+    env_flag(p, "--key-cache-ttl", "VALV_KEY_CACHE_TTL", default="1s",
+             help="how long Encrypt/Decrypt reuse a key's state and unwrapped KEK; changes "
+                  "made through another central reach this one within it ('0' = never "
+                  "cache)")
     env_flag(p, "--log-level", "VALV_LOG_LEVEL", default="info",
              help="log verbosity: debug, info, warning, error")
     env_flag(p, "--ready-file", "VALV_READY_FILE",
              help="write {addr, unix_socket, pid} as JSON here once serving")
     p.set_defaults(func=_run_central)
+
+
+def _default_rotation(text: str) -> timedelta | None:
+    from valv.core.keystore import MAX_ROTATION_PERIOD, MIN_ROTATION_PERIOD
+
+    period = parse_duration(text)
+    if period is not None and not MIN_ROTATION_PERIOD <= period <= MAX_ROTATION_PERIOD:
+        raise argparse.ArgumentTypeError(
+            f"--default-rotation-period {text!r} must be between 24h and 100 years, or 'off' "
+            "(Cloud KMS's limits for rotation_period)")
+    return period
 
 
 def _run_central(args: argparse.Namespace) -> int:
@@ -64,7 +80,8 @@ def _run_central(args: argparse.Namespace) -> int:
                                    for p in (args.master_key_file or "").split(",")
                                    if p.strip()),
             locations=locations or ("global",),
-            default_rotation_period=parse_duration(args.default_rotation_period),
+            default_rotation_period=_default_rotation(args.default_rotation_period),
+            key_cache_ttl=parse_duration(args.key_cache_ttl) or timedelta(0),
             ready_file=Path(args.ready_file) if args.ready_file else None,
         )
     except (argparse.ArgumentTypeError, ValueError, ValvError) as exc:

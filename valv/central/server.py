@@ -57,6 +57,7 @@ class CentralConfig:
     master_key_files: tuple[Path, ...] = ()
     locations: tuple[str, ...] = ("global",)
     default_rotation_period: timedelta | None = timedelta(days=30)
+    key_cache_ttl: timedelta = timedelta(seconds=1)
     # Written (JSON, atomically) once the server accepts calls: for supervisors and tests.
     ready_file: Path | None = None
     drain_timeout_s: float = 10.0
@@ -109,7 +110,8 @@ class CentralServer:
         self.keystore = KeyStore(
             self._store, self._root_keys, self.clock,
             KeystoreSettings(locations=config.locations,
-                             default_rotation_period=config.default_rotation_period))
+                             default_rotation_period=config.default_rotation_period,
+                             use_cache_ttl=config.key_cache_ttl))
         # grpclib captures the running loop when a Server is built: build here.
         handlers: list[IServable] = [KeyManagementService(self.keystore, self.tracker),
                     LocationsService(self.keystore, self.tracker),

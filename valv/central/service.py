@@ -73,13 +73,12 @@ class RequestCodec(ProtoCodec):
 
 
 def server_codecs() -> dict[str, Any]:
-    """The ``codec``/``status_details_codec`` arguments for every grpclib Server."""
-    try:
-        import google.rpc.status_pb2  # noqa: F401 - what grpclib's default needs
-        from grpclib.encoding.proto import ProtoStatusDetailsCodec
-    except ImportError:
-        return {"codec": RequestCodec(), "status_details_codec": None}
-    return {"codec": RequestCodec(), "status_details_codec": ProtoStatusDetailsCodec()}
+    """The ``codec``/``status_details_codec`` arguments for every grpclib Server.
+
+    Valv sends no rich error details yet, so no details codec (which would
+    pull in googleapis-common-protos at run time).
+    """
+    return {"codec": RequestCodec(), "status_details_codec": None}
 
 
 StreamHandler = Callable[[Any], Awaitable[None]]

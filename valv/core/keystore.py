@@ -61,6 +61,7 @@ from valv.core.names import (
 )
 from valv.core.storage.base import Store, Transaction
 from valv.core.storage.keys import unpack
+from valv.core.usecache import UsableVersion, UseCache
 
 T = TypeVar("T")
 
@@ -86,6 +87,9 @@ class KeystoreSettings:
     default_rotation_period: timedelta | None = timedelta(days=30)
     default_destroy_scheduled_duration: timedelta = timedelta(days=30)
     min_destroy_scheduled_duration: timedelta = timedelta(days=1)
+    # How long Encrypt/Decrypt may reuse a key's state and unwrapped KEK (see
+    # valv.core.usecache); zero reads storage on every call.
+    use_cache_ttl: timedelta = timedelta(seconds=1)
 
 
 @dataclass(slots=True)
@@ -163,6 +167,7 @@ class KeyStore:
         self.settings = settings or KeystoreSettings()
         self._codec = codec or ciphertext_format.CiphertextCodec()
         self._page_tokens = PageTokens(bytes(root_keys.page_token_key()))
+        self._use_cache = UseCache(self.settings.use_cache_ttl.total_seconds())
 
     # ---- locations ---------------------------------------------------------
 
@@ -444,7 +449,7 @@ class KeyStore:
             tr.set(records.crypto_key_key(key_name), records.encode_crypto_key(state))
             return self._resolve(tr, state)
 
-        return await self._store.run(body)
+        return await self._change(key_name, body)
 
     # ---- versions ----------------------------------------------------------------
 
@@ -458,7 +463,7 @@ class KeyStore:
             tr.set(records.crypto_key_key(key_name), records.encode_crypto_key(state))
             return version
 
-        return await self._store.run(body)
+        return await self._change(key_name, body)
 
     async def get_crypto_key_version(self, name: str) -> CryptoKeyVersion:
         version_name = parse_crypto_key_version(name)
@@ -526,7 +531,7 @@ class KeyStore:
             tr.set(records.version_key(version_name), records.encode_version(updated))
             return updated
 
-        return await self._store.run(body)
+        return await self._change(version_name.parent, body)
 
     async def update_primary_version(self, name: str, version_id: str) -> CryptoKey:
         key_name = parse_crypto_key(name)
@@ -547,7 +552,7 @@ class KeyStore:
             tr.set(records.crypto_key_key(key_name), records.encode_crypto_key(state))
             return replace(state.key, primary=version)
 
-        return await self._store.run(body)
+        return await self._change(key_name, body)
 
     async def destroy_crypto_key_version(self, name: str) -> CryptoKeyVersion:
         version_name = parse_crypto_key_version(name)
@@ -566,7 +571,7 @@ class KeyStore:
             tr.set(records.version_key(version_name), records.encode_version(updated))
             return updated
 
-        return await self._store.run(body)
+        return await self._change(version_name.parent, body)
 
     async def restore_crypto_key_version(self, name: str) -> CryptoKeyVersion:
         version_name = parse_crypto_key_version(name)
@@ -583,7 +588,7 @@ class KeyStore:
             tr.set(records.version_key(version_name), records.encode_version(updated))
             return updated
 
-        return await self._store.run(body)
+        return await self._change(version_name.parent, body)
 
     # ---- cryptography ------------------------------------------------------------
 
@@ -595,34 +600,18 @@ class KeyStore:
         _check_size("additional_authenticated_data", aad, MAX_PAYLOAD_BYTES)
         _check_crc("plaintext", plaintext, plaintext_crc32c)
         _check_crc("additional_authenticated_data", aad, aad_crc32c)
-
-        def body(tr: Transaction) -> tuple[CryptoKeyVersion, str, bytes]:
-            key_name = target if isinstance(target, CryptoKeyName) else target.parent
-            state = self._load_key_state(tr, key_name)
-            if isinstance(target, CryptoKeyName):
-                if state.primary_version_id == 0:
-                    raise FailedPrecondition(
-                        f"CryptoKey {key_name} has no primary version; create one or set one "
-                        "with UpdateCryptoKeyPrimaryVersion"
-                    )
-                version_name = key_name.version(state.primary_version_id)
-            else:
-                version_name = target
-            version = self._load_version(tr, version_name)
-            if version.state != VersionState.ENABLED:
-                what = "primary version" if isinstance(target, CryptoKeyName) else "version"
-                raise FailedPrecondition(
-                    f"The {what} {version_name} is {version.state.name}; encryption needs "
-                    "an ENABLED version"
-                )
-            rmk_id, wrapped = self._load_material(tr, version_name)
-            return version, rmk_id, wrapped
-
-        version, rmk_id, wrapped = await self._store.run(body, read_only=True)
-        with self._unwrap(version, rmk_id, wrapped) as kek:
+        if isinstance(target, CryptoKeyName):
+            usable = await self._usable_version(target, None, purpose="encrypt")
+        else:
+            usable = await self._usable_version(target.parent, target.version,
+                                                purpose="encrypt")
+        version = usable.version
+        try:
             ciphertext = self._codec.encrypt(
-                kek, key_name=str(version.name.parent), version_id=version.name.version,
+                usable.kek, key_name=str(version.name.parent), version_id=version.name.version,
                 plaintext=plaintext, aad=aad)
+        finally:
+            self._release(usable)
         return EncryptResult(
             version_name=version.name, ciphertext=ciphertext,
             ciphertext_crc32c=crc32c(ciphertext),
@@ -642,32 +631,79 @@ class KeyStore:
             version_id = ciphertext_format.read_version_id(ciphertext)
         except InvalidCiphertextError:
             raise _decryption_failed(key_name) from None
+        usable = await self._usable_version(key_name, version_id, purpose="decrypt")
+        try:
+            plaintext = self._codec.decrypt(
+                usable.kek, key_name=str(key_name), version_id=version_id,
+                ciphertext=ciphertext, aad=aad)
+        except InvalidCiphertextError:
+            raise _decryption_failed(key_name) from None
+        finally:
+            self._release(usable)
+        return DecryptResult(plaintext=plaintext, plaintext_crc32c=crc32c(plaintext),
+                             used_primary=usable.primary_version_id == version_id)
 
-        def body(tr: Transaction) -> tuple[CryptoKeyVersion, bool, str, bytes]:
+    async def _usable_version(self, key_name: CryptoKeyName, version_id: int | None, *,
+                              purpose: str) -> UsableVersion:
+        """An ENABLED version of ``key_name`` with its KEK: ``version_id``, or the primary.
+
+        Served from the use cache when it has a fresh entry; otherwise read from
+        storage in one transaction and unwrapped.
+        """
+        cache_key = str(key_name)
+        cached = self._use_cache.get(cache_key, version_id or 0)
+        if cached is not None:
+            return cached
+        ticket = self._use_cache.begin_load()
+
+        def body(tr: Transaction) -> tuple[CryptoKeyVersion, int, str, bytes]:
             state = self._load_key_state(tr, key_name)
-            version_name = key_name.version(version_id)
+            if version_id is None:
+                if state.primary_version_id == 0:
+                    raise FailedPrecondition(
+                        f"CryptoKey {key_name} has no primary version; create one or set one "
+                        "with UpdateCryptoKeyPrimaryVersion"
+                    )
+                version_name = key_name.version(state.primary_version_id)
+            else:
+                version_name = key_name.version(version_id)
             try:
                 version = self._load_version(tr, version_name)
             except NotFound:
-                raise _decryption_failed(key_name) from None
+                if purpose == "decrypt":  # the id came from the (untrusted) ciphertext
+                    raise _decryption_failed(key_name) from None
+                raise
             if version.state != VersionState.ENABLED:
+                if purpose == "decrypt":
+                    raise FailedPrecondition(
+                        f"The ciphertext was made with CryptoKeyVersion {version_name}, which "
+                        f"is {version.state.name}; it must be ENABLED to decrypt"
+                    )
+                what = "primary version" if version_id is None else "version"
                 raise FailedPrecondition(
-                    f"The ciphertext was made with CryptoKeyVersion {version_name}, which is "
-                    f"{version.state.name}; it must be ENABLED to decrypt"
+                    f"The {what} {version_name} is {version.state.name}; encryption needs "
+                    "an ENABLED version"
                 )
             rmk_id, wrapped = self._load_material(tr, version_name)
-            return version, state.primary_version_id == version_id, rmk_id, wrapped
+            return version, state.primary_version_id, rmk_id, wrapped
 
-        version, used_primary, rmk_id, wrapped = await self._store.run(body, read_only=True)
-        with self._unwrap(version, rmk_id, wrapped) as kek:
-            try:
-                plaintext = self._codec.decrypt(
-                    kek, key_name=str(key_name), version_id=version_id,
-                    ciphertext=ciphertext, aad=aad)
-            except InvalidCiphertextError:
-                raise _decryption_failed(key_name) from None
-        return DecryptResult(plaintext=plaintext, plaintext_crc32c=crc32c(plaintext),
-                             used_primary=used_primary)
+        version, primary_id, rmk_id, wrapped = await self._store.run(body, read_only=True)
+        usable = UsableVersion(version, self._unwrap(version, rmk_id, wrapped), primary_id)
+        self._use_cache.put(cache_key, ticket, usable, as_primary=version_id is None)
+        return usable
+
+    def _release(self, usable: UsableVersion) -> None:
+        """Done with a KEK: wipe it now unless the use cache keeps it (TTL-bounded)."""
+        if not self._use_cache.enabled:
+            usable.kek.zeroize()
+
+    async def _change(self, key_name: CryptoKeyName, body: Callable[[Transaction], T]) -> T:
+        """Run a transaction that changes ``key_name``, then drop its cached use state."""
+        try:
+            return await self._store.run(body)
+        finally:
+            # Also after a failure: the commit outcome may be unknown.
+            self._use_cache.invalidate(str(key_name))
 
     def _load_material(self, tr: Transaction,
                        name: CryptoKeyVersionName) -> tuple[str, bytes]:

@@ -1,0 +1,91 @@
+"""A short-lived, bounded cache of what Encrypt and Decrypt need.
+
+Encrypt and Decrypt are the hot path: batch jobs wrap millions of DEKs. Each
+call would otherwise read three records, unseal and decode them, and unwrap
+the KEK. This cache keeps that result for a short time (default 1 s).
+
+Consistency:
+- Changes made through this process invalidate the affected key at once (the
+  keystore calls ``invalidate`` after every committed change), so a caller
+  never sees its own change late.
+- A change made through another central process sharing the store reaches
+  this one within the TTL. Cloud KMS documents state changes as eventually
+  consistent too; set the TTL to 0 to read storage on every call.
+- A load that raced with an invalidation is not cached: ``begin_load``
+  returns a ticket and ``put`` drops results whose ticket predates an
+  invalidation of the same key.
+
+Secrets: unwrapped KEKs live here for at most the TTL (plus until the
+garbage collector frees them); they are not zeroized on eviction because a
+call may still be using them, so their lifetime is bounded instead.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from cachetools import TTLCache
+
+from valv.core.crypto.secrets import SecretBytes
+from valv.core.model import CryptoKeyVersion
+
+# How long an invalidation is remembered; far longer than any load can take.
+_INVALIDATION_MEMORY_S = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class UsableVersion:
+    """A version's metadata and unwrapped KEK, as of one storage read."""
+
+    version: CryptoKeyVersion
+    kek: SecretBytes
+    # The key's primary version id at the same read.
+    primary_version_id: int
+
+
+class UseCache:
+    def __init__(self, ttl_s: float = 1.0, maxsize: int = 10_000,
+                 timer: Callable[[], float] = time.monotonic) -> None:
+        self.enabled = ttl_s > 0
+        self._timer = timer
+        self._lock = threading.Lock()
+        ttl = max(ttl_s, 1e-9)
+        # (key name, version id) -> UsableVersion; version id 0 means "the primary".
+        self._entries: TTLCache[tuple[str, int], UsableVersion] = TTLCache(
+            maxsize, ttl, timer=timer)
+        self._invalidated: TTLCache[str, float] = TTLCache(
+            maxsize, _INVALIDATION_MEMORY_S, timer=timer)
+
+    def get(self, key_name: str, version_id: int) -> UsableVersion | None:
+        if not self.enabled:
+            return None
+        with self._lock:
+            return self._entries.get((key_name, version_id))
+
+    def begin_load(self) -> float:
+        return self._timer()
+
+    def put(self, key_name: str, ticket: float, entry: UsableVersion, *,
+            as_primary: bool) -> None:
+        if not self.enabled:
+            return
+        with self._lock:
+            invalidated = self._invalidated.get(key_name)
+            if invalidated is not None and invalidated >= ticket:
+                return
+            self._entries[(key_name, entry.version.name.version)] = entry
+            if as_primary:
+                self._entries[(key_name, 0)] = entry
+
+    def invalidate(self, key_name: str) -> None:
+        with self._lock:
+            self._invalidated[key_name] = self._timer()
+            for cache_key in [k for k in self._entries if k[0] == key_name]:
+                self._entries.pop(cache_key, None)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
