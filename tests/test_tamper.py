@@ -306,3 +306,30 @@ def test_no_secret_in_clear_in_the_database(setup: Setup) -> None:
     assert (LABEL_VALUE + "-b").encode() not in raw
     assert LABEL_VALUE.encode() not in raw
     assert raw_kek not in raw
+
+
+def test_records_sealed_under_a_root_key_that_is_no_longer_configured(tmp_path: Path) -> None:
+    """Removing a root key too early: the error says which key is missing and how to fix it."""
+    import os
+
+    def key_file(name: str) -> Path:
+        path = tmp_path / name
+        path.write_bytes(base64.b64encode(os.urandom(32)))
+        path.chmod(0o600)
+        return path
+
+    old, new = key_file("old.key"), key_file("new.key")
+    central = CentralProcess(tmp_path / "c", "--master-key-file", str(old)).start()
+    kms = central.client()
+    ring = kms.create_key_ring(request={"parent": "projects/p/locations/global",
+                                        "key_ring_id": "r", "key_ring": {}}, **CALL)
+    central.stop()
+    central.extra_args = ("--master-key-file", str(new))
+    central.start()
+    try:
+        with pytest.raises(gexc.DataLoss) as info:
+            central.client().get_key_ring(request={"name": ring.name}, **CALL)
+        assert "not configured" in info.value.message
+        assert "VALV_MASTER_KEY_FILE" in info.value.message
+    finally:
+        central.stop()

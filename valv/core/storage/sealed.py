@@ -99,6 +99,25 @@ class TamperedRecordError(StorageError):
         self.key = key
 
 
+class UnknownSealKeyError(TamperedRecordError):
+    """A record is sealed under a root key that is not configured.
+
+    Usually a configuration problem (a root key was removed too early), so the
+    message says how to fix that; but an edited id byte looks the same, so it
+    is still a TamperedRecordError (DATA_LOSS to callers).
+    """
+
+    def __init__(self, key: bytes, rmk_id: str) -> None:
+        StorageError.__init__(
+            self,
+            f"storage record {keys.describe(key)} is sealed under root key id {rmk_id!r}, "
+            "which is not configured: add that root key to VALV_MASTER_KEY_FILE, or the "
+            "record was modified or moved at the storage level",
+        )
+        self.key = key
+        self.rmk_id = rmk_id
+
+
 def sealed_overhead(rmk_id: str) -> int:
     """How many bytes sealing under ``rmk_id`` adds to a value."""
     return 2 + len(rmk_id.encode("ascii")) + NONCE_BYTES + TAG_BYTES
@@ -189,9 +208,7 @@ class Sealer:
             raise TamperedRecordError(key, parsed)
         rmk_id, nonce, ct = parsed
         if rmk_id not in self._provider:
-            raise TamperedRecordError(
-                key, f"is sealed under root key id {rmk_id!r}, which is not configured"
-            )
+            raise UnknownSealKeyError(key, rmk_id)
         cipher = self._cipher(rmk_id)
         try:
             return cipher.decrypt(nonce, ct, bytes(key))
