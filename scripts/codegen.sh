@@ -23,6 +23,10 @@ repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 if [[ -z "${PYTHON:-}" ]]; then
   if [[ -n "${VIRTUAL_ENV:-}" ]]; then PYTHON="$VIRTUAL_ENV/bin/python"; else PYTHON=python3; fi
 fi
+# The plugin runs from a temp dir (see below), so a relative path would break.
+if [[ "$PYTHON" == */* ]]; then
+  PYTHON="$(cd "$(dirname "$PYTHON")" && pwd)/$(basename "$PYTHON")"
+fi
 # protoc finds the plugin (protoc-gen-python_betterproto2) and the plugin finds
 # ruff on PATH; both live next to the interpreter.
 PATH="$(dirname "$("$PYTHON" -c 'import sys; print(sys.executable)')"):$PATH"
