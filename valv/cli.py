@@ -39,6 +39,14 @@ def _add_central(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
              help="how long Encrypt/Decrypt reuse a key's state and unwrapped KEK; changes "
                   "made through another central reach this one within it ('0' = never "
                   "cache)")
+    env_flag(p, "--scheduler-interval", "VALV_SCHEDULER_INTERVAL", default="10",
+             help="seconds between scheduler ticks, which rotate keys and destroy versions "
+                  "when due ('off' runs no scheduler in this process)")
+    env_flag(p, "--min-destroy-duration", "VALV_MIN_DESTROY_DURATION", default="86400",
+             help="the shortest destroy_scheduled_duration a CryptoKey may have, in seconds "
+                  "(Cloud KMS: 1 day)")
+    env_flag(p, "--fake-clock-file", "VALV_FAKE_CLOCK_FILE",
+             help="TESTS ONLY: read the current time (ISO 8601) from this file")
     env_flag(p, "--log-level", "VALV_LOG_LEVEL", default="info",
              help="log verbosity: debug, info, warning, error")
     env_flag(p, "--ready-file", "VALV_READY_FILE",
@@ -55,6 +63,21 @@ def _default_rotation(text: str) -> timedelta | None:
             f"--default-rotation-period {text!r} must be between 24h and 100 years, or 'off' "
             "(Cloud KMS's limits for rotation_period)")
     return period
+
+
+def _scheduler_interval(text: str) -> float | None:
+    interval = parse_duration(text)
+    return None if interval is None else interval.total_seconds()
+
+
+def _min_destroy(text: str) -> timedelta:
+    from valv.core.keystore import MAX_DESTROY_SCHEDULED_DURATION
+
+    duration = parse_duration(text) or timedelta(0)
+    if duration > MAX_DESTROY_SCHEDULED_DURATION:
+        raise argparse.ArgumentTypeError(
+            f"--min-destroy-duration {text!r} is longer than the 120-day maximum")
+    return duration
 
 
 def _run_central(args: argparse.Namespace) -> int:
@@ -82,13 +105,15 @@ def _run_central(args: argparse.Namespace) -> int:
             locations=locations or ("global",),
             default_rotation_period=_default_rotation(args.default_rotation_period),
             key_cache_ttl=parse_duration(args.key_cache_ttl) or timedelta(0),
+            scheduler_interval_s=_scheduler_interval(args.scheduler_interval),
+            min_destroy_scheduled_duration=_min_destroy(args.min_destroy_duration),
             ready_file=Path(args.ready_file) if args.ready_file else None,
         )
     except (argparse.ArgumentTypeError, ValueError, ValvError) as exc:
         print(f"valv central: error: {exc}", file=sys.stderr)
         return 2
     try:
-        asyncio.run(run_central(config))
+        asyncio.run(run_central(config, clock_file=args.fake_clock_file or None))
     except (RootKeyConfigError, StorageError, OSError) as exc:
         # A configuration problem found at startup (root key, storage, listen
         # address): one clear line, not a traceback.

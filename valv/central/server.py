@@ -23,7 +23,7 @@ from valv.central.service import (
     OperationsService,
     server_codecs,
 )
-from valv.core.clock import Clock, SystemClock
+from valv.core.clock import Clock, FileClock, SystemClock
 from valv.core.crypto.rootkey import (
     RootKey,
     RootKeyring,
@@ -31,6 +31,7 @@ from valv.core.crypto.rootkey import (
     load_root_key_file,
 )
 from valv.core.keystore import KeyStore, KeystoreSettings
+from valv.core.scheduler import DEFAULT_INTERVAL_S, Scheduler
 from valv.core.storage import open_store
 from valv.core.storage.base import Store
 from valv.core.storage.sealed import SealedStore, Sealer
@@ -58,6 +59,9 @@ class CentralConfig:
     locations: tuple[str, ...] = ("global",)
     default_rotation_period: timedelta | None = timedelta(days=30)
     key_cache_ttl: timedelta = timedelta(seconds=1)
+    # Seconds between scheduler ticks (rotation, destruction); None: no scheduler.
+    scheduler_interval_s: float | None = DEFAULT_INTERVAL_S
+    min_destroy_scheduled_duration: timedelta = timedelta(days=1)
     # Written (JSON, atomically) once the server accepts calls: for supervisors and tests.
     ready_file: Path | None = None
     drain_timeout_s: float = 10.0
@@ -100,6 +104,8 @@ class CentralServer:
         self._root_keys: RootKeyring | None = None
         self._servers: list[Server] = []
         self.tcp_address: tuple[str, int] | None = None
+        self._scheduler_stop = asyncio.Event()
+        self._scheduler_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         config = self.config
@@ -111,7 +117,8 @@ class CentralServer:
             self._store, self._root_keys, self.clock,
             KeystoreSettings(locations=config.locations,
                              default_rotation_period=config.default_rotation_period,
-                             use_cache_ttl=config.key_cache_ttl))
+                             use_cache_ttl=config.key_cache_ttl,
+                             min_destroy_scheduled_duration=config.min_destroy_scheduled_duration))
         # grpclib captures the running loop when a Server is built: build here.
         handlers: list[IServable] = [KeyManagementService(self.keystore, self.tracker),
                     LocationsService(self.keystore, self.tracker),
@@ -133,6 +140,9 @@ class CentralServer:
             "unix_socket": str(config.unix_socket) if config.unix_socket else None,
             "store": raw_store.url, "locations": list(config.locations),
             "rmk_ids": list(self._root_keys.ids)}})
+        if config.scheduler_interval_s is not None:
+            scheduler = Scheduler(self.keystore, interval_s=config.scheduler_interval_s)
+            self._scheduler_task = asyncio.create_task(scheduler.run(self._scheduler_stop))
         if config.ready_file is not None:
             self._write_ready_file(config.ready_file)
 
@@ -164,6 +174,11 @@ class CentralServer:
             server.close()
         for server in self._servers:
             await server.wait_closed()
+        if self._scheduler_task is not None:
+            # A tick finishes the item it is on (one transaction) and stops.
+            self._scheduler_stop.set()
+            await self._scheduler_task
+            self._scheduler_task = None
         self._servers.clear()
         if self._store is not None:
             await self._store.close()
@@ -176,13 +191,20 @@ class CentralServer:
         log.info("valv central stopped")
 
 
-async def run_central(config: CentralConfig) -> None:
-    """Serve until SIGTERM or SIGINT, then shut down cleanly."""
+async def run_central(config: CentralConfig, *, clock_file: str | None = None) -> None:
+    """Serve until SIGTERM or SIGINT, then shut down cleanly.
+
+    ``clock_file`` (tests only) makes the process read its time from a file.
+    """
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    server = CentralServer(config)
+    clock: Clock | None = None
+    if clock_file is not None:
+        clock = FileClock(clock_file)
+        log.warning("TEST CLOCK IN USE: time comes from %s", clock_file)
+    server = CentralServer(config, clock=clock)
     await server.start()
     try:
         await stop.wait()

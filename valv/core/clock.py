@@ -51,6 +51,26 @@ class FakeClock:
             self._now = when
 
 
+class FileClock:
+    """Test-only: the time written in a file (ISO 8601), so black-box tests can
+    move the clock of real processes. Never use it in production."""
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+        self.now()  # fail at startup, not at first use, if the file is bad
+
+    def now(self) -> datetime:
+        with open(self._path) as f:
+            text = f.read().strip()
+        try:
+            when = datetime.fromisoformat(text)
+        except ValueError:
+            raise ValueError(f"clock file {self._path} does not hold an ISO 8601 time") from None
+        if when.tzinfo is None:
+            raise ValueError(f"clock file {self._path} needs a time with a UTC offset")
+        return when
+
+
 def to_micros(when: datetime) -> int:
     """Microseconds since the Unix epoch; exact for any aware datetime."""
     delta = when - EPOCH

@@ -34,6 +34,7 @@ from valv.core.errors import (
     NotFound,
     Unimplemented,
 )
+from valv.core.faults import fault_point
 from valv.core.listing import Filter, Order, PageTokens, check_page_size, parse_order_by
 from valv.core.model import (
     Algorithm,
@@ -123,6 +124,17 @@ class Page(Generic[T]):
     items: list[T]
     next_page_token: str
     total_size: int
+
+
+@dataclass(frozen=True, slots=True)
+class DueOutcome:
+    """What applying one due index entry did."""
+
+    name: CryptoKeyName | CryptoKeyVersionName
+    # The version created (rotation) or destroyed; None when nothing was applied.
+    version: CryptoKeyVersion | None
+    detail: str
+    next_rotation_time: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,7 +267,7 @@ class KeyStore:
             if not skip_initial_version_creation:
                 version = self._add_version(tr, state, now)
                 state.primary_version_id = version.name.version
-            tr.set(key, records.encode_crypto_key(state))
+            self._write_key(tr, state, before=None)
             tr.set(records.ctime_index_key(
                 "ck", (name.project, name.location, name.key_ring), to_micros(now),
                 crypto_key_id), key)
@@ -344,9 +356,36 @@ class KeyStore:
         with generate_kek() as kek:
             rmk_id, wrapped = self._root_keys.wrap_kek(
                 kek, version_name=str(name), algorithm=_algorithm_name(version.algorithm))
-        tr.set(records.version_key(name), records.encode_version(version))
+        self._write_version(tr, version, before=None)
         tr.set(records.material_key(name), records.encode_material(rmk_id, wrapped))
         return version
+
+    @staticmethod
+    def _write_key(tr: Transaction, state: records.CryptoKeyState,
+                   before: CryptoKey | None) -> None:
+        """Write a CryptoKey record and, in the same transaction, its rotation index entry."""
+        key = state.key
+        tr.set(records.crypto_key_key(key.name), records.encode_crypto_key(state))
+        old_due = _rotation_due(before)
+        new_due = _rotation_due(key)
+        if old_due != new_due:
+            if old_due is not None:
+                tr.clear(records.rotation_due_key(to_micros(old_due), key.name))
+            if new_due is not None:
+                tr.set(records.rotation_due_key(to_micros(new_due), key.name), b"")
+
+    @staticmethod
+    def _write_version(tr: Transaction, version: CryptoKeyVersion,
+                       before: CryptoKeyVersion | None) -> None:
+        """Write a version record and, in the same transaction, its destruction index entry."""
+        tr.set(records.version_key(version.name), records.encode_version(version))
+        old_due = _destruction_due(before)
+        new_due = _destruction_due(version)
+        if old_due != new_due:
+            if old_due is not None:
+                tr.clear(records.destruction_due_key(to_micros(old_due), version.name))
+            if new_due is not None:
+                tr.set(records.destruction_due_key(to_micros(new_due), version.name), b"")
 
     def _load_key_state(self, tr: Transaction, name: CryptoKeyName) -> records.CryptoKeyState:
         key = records.crypto_key_key(name)
@@ -446,7 +485,7 @@ class KeyStore:
                     "next_rotation_time must be set when rotation_period is set: include "
                     "next_rotation_time in update_mask, or clear both to disable rotation"
                 )
-            tr.set(records.crypto_key_key(key_name), records.encode_crypto_key(state))
+            self._write_key(tr, state, before=key)
             return self._resolve(tr, state)
 
         return await self._change(key_name, body)
@@ -460,7 +499,7 @@ class KeyStore:
         def body(tr: Transaction) -> CryptoKeyVersion:
             state = self._load_key_state(tr, key_name)
             version = self._add_version(tr, state, now)
-            tr.set(records.crypto_key_key(key_name), records.encode_crypto_key(state))
+            self._write_key(tr, state, before=state.key)
             return version
 
         return await self._change(key_name, body)
@@ -528,7 +567,7 @@ class KeyStore:
                     "and DISABLED versions can change state with UpdateCryptoKeyVersion"
                 )
             updated = replace(version, state=target)
-            tr.set(records.version_key(version_name), records.encode_version(updated))
+            self._write_version(tr, updated, before=version)
             return updated
 
         return await self._change(version_name.parent, body)
@@ -549,7 +588,7 @@ class KeyStore:
                     "ENABLED version can be made primary"
                 )
             state.primary_version_id = version_name.version
-            tr.set(records.crypto_key_key(key_name), records.encode_crypto_key(state))
+            self._write_key(tr, state, before=state.key)
             return replace(state.key, primary=version)
 
         return await self._change(key_name, body)
@@ -568,7 +607,7 @@ class KeyStore:
                 )
             updated = replace(version, state=VersionState.DESTROY_SCHEDULED,
                               destroy_time=now + state.key.destroy_scheduled_duration)
-            tr.set(records.version_key(version_name), records.encode_version(updated))
+            self._write_version(tr, updated, before=version)
             return updated
 
         return await self._change(version_name.parent, body)
@@ -585,10 +624,98 @@ class KeyStore:
                     "DESTROY_SCHEDULED version can be restored"
                 )
             updated = replace(version, state=VersionState.DISABLED, destroy_time=None)
-            tr.set(records.version_key(version_name), records.encode_version(updated))
+            self._write_version(tr, updated, before=version)
             return updated
 
         return await self._change(version_name.parent, body)
+
+    # ---- lifecycle: automatic rotation and destruction ----------------------------
+
+    async def due_entries(self, kind: str, limit: int) -> list[bytes]:
+        """Index entries of ``kind`` (records.ROTATE/DESTROY) due now, oldest first.
+
+        Costs O(due entries): the index is ordered by due time.
+        """
+        begin, end = records.due_range(kind, to_micros(self._clock.now()))
+
+        def body(tr: Transaction) -> list[bytes]:
+            return [key for key, _ in tr.get_range(begin, end, limit=limit)]
+
+        return await self._store.run(body, read_only=True)
+
+    async def apply_due(self, entry: bytes) -> DueOutcome:
+        """Claim and apply one due entry, exactly once, in one transaction.
+
+        The entry is the claim: it is read, the event applied and the entry
+        removed (or moved to the next due time) in the same serializable
+        transaction. Any number of schedulers may race for the same entry; the
+        losers find it gone and do nothing.
+        """
+        name = records.name_from_due_key(entry)
+        if isinstance(name, CryptoKeyVersionName):
+            outcome = await self._change(name.parent, lambda tr: self._destroy_due(tr, entry, name))
+            if outcome.version is not None:
+                self._codec.cache.evict_version(str(name.parent), name.version)
+            return outcome
+        return await self._change(name, lambda tr: self._rotate_due(tr, entry, name))
+
+    def _rotate_due(self, tr: Transaction, entry: bytes, name: CryptoKeyName) -> DueOutcome:
+        if tr.get(entry) is None:
+            return DueOutcome(name, None, "already applied by another scheduler")
+        now = self._clock.now()
+        due_us = records.due_time_of(entry)
+        try:
+            state = self._load_key_state(tr, name)
+        except NotFound:
+            tr.clear(entry)
+            return DueOutcome(name, None, "removed an index entry for a missing key")
+        key = state.key
+        if key.next_rotation_time is None or to_micros(key.next_rotation_time) != due_us:
+            tr.clear(entry)
+            return DueOutcome(name, None, "removed a stale index entry")
+        if key.next_rotation_time > now:
+            return DueOutcome(name, None, "not due yet")
+        version = self._add_version(tr, state, now)
+        fault_point("rotate.mid-transaction")
+        state.primary_version_id = version.name.version
+        next_time: datetime | None = None
+        if key.rotation_period is not None:
+            # The first next + k*period after now: a central that was down for
+            # several periods rotates once, it does not burst.
+            periods = (now - key.next_rotation_time) // key.rotation_period + 1
+            next_time = key.next_rotation_time + periods * key.rotation_period
+        state.key = replace(key, next_rotation_time=next_time)
+        self._write_key(tr, state, before=key)
+        return DueOutcome(name, version, "rotated", next_time)
+
+    def _destroy_due(self, tr: Transaction, entry: bytes,
+                     name: CryptoKeyVersionName) -> DueOutcome:
+        if tr.get(entry) is None:
+            return DueOutcome(name, None, "already applied by another scheduler")
+        now = self._clock.now()
+        due_us = records.due_time_of(entry)
+        try:
+            version = self._load_version(tr, name)
+        except NotFound:
+            tr.clear(entry)
+            return DueOutcome(name, None, "removed an index entry for a missing version")
+        if (version.state != VersionState.DESTROY_SCHEDULED or version.destroy_time is None
+                or to_micros(version.destroy_time) != due_us):
+            tr.clear(entry)
+            return DueOutcome(name, None, "removed a stale index entry")
+        if version.destroy_time > now:
+            return DueOutcome(name, None, "not due yet")
+        # The key material itself goes: destroyed means gone, not flagged.
+        tr.clear(records.material_key(name))
+        fault_point("destroy.mid-transaction")
+        destroyed = replace(version, state=VersionState.DESTROYED, destroy_time=None,
+                            destroy_event_time=now)
+        self._write_version(tr, destroyed, before=version)
+        return DueOutcome(name, destroyed, "destroyed")
+
+    async def erase_freed_space(self) -> None:
+        """Ask storage to overwrite what destroyed versions left behind."""
+        await self._store.erase_freed_space()
 
     # ---- cryptography ------------------------------------------------------------
 
@@ -818,6 +945,18 @@ def _scan(tr: Transaction, key_range: tuple[bytes, bytes], order: Order,
             end = chunk[-1][0]
         else:
             begin = chunk[-1][0] + b"\x00"
+
+
+def _rotation_due(key: CryptoKey | None) -> datetime | None:
+    """When ``key`` is next due for automatic rotation, if ever."""
+    return None if key is None else key.next_rotation_time
+
+
+def _destruction_due(version: CryptoKeyVersion | None) -> datetime | None:
+    """When ``version``'s key material is due to be destroyed, if ever."""
+    if version is None or version.state != VersionState.DESTROY_SCHEDULED:
+        return None
+    return version.destroy_time
 
 
 def _decryption_failed(key_name: CryptoKeyName) -> InvalidArgument:

@@ -7,6 +7,12 @@ Keyspace (tuples packed with fdb.tuple; see valv.core.storage.keys):
     ("cv", project, location, ring, key, version:int)      CryptoKeyVersionRecord
     ("km", project, location, ring, key, version:int)      KeyMaterialRecord
     ("ix", "ctime", kind, *parent, create_us:int, id)     create-time order index
+    ("ix", "due", "rotate", due_us:int, p, l, ring, key)  CryptoKey due for rotation
+    ("ix", "due", "destroy", due_us:int, p, l, ring, key, version:int)
+                                                           version due for destruction
+
+Index entries are written in the same transaction as the record they point
+to (see KeyStore._write_key / _write_version), so they can't drift.
 
 Every record is a protobuf message (valv.storage.v1) with a schema version.
 Values are sealed by the storage layer, so nothing here is secret-aware.
@@ -22,7 +28,7 @@ from valv.core.clock import from_micros, to_micros
 from valv.core.errors import DataLoss
 from valv.core.model import CryptoKey, CryptoKeyVersion, KeyRing, VersionState
 from valv.core.names import CryptoKeyName, CryptoKeyVersionName, KeyRingName, LocationName
-from valv.core.storage.keys import describe, pack, range_of
+from valv.core.storage.keys import describe, pack, range_of, unpack
 
 SCHEMA_VERSION = 1
 
@@ -63,6 +69,43 @@ def ctime_index_key(kind: str, parent: tuple[str, ...], create_us: int, child: s
 
 def ctime_index_range(kind: str, parent: tuple[str, ...]) -> tuple[bytes, bytes]:
     return range_of("ix", "ctime", kind, *parent)
+
+
+ROTATE = "rotate"
+DESTROY = "destroy"
+
+
+def rotation_due_key(due_us: int, name: CryptoKeyName) -> bytes:
+    return pack("ix", "due", ROTATE, due_us, name.project, name.location, name.key_ring,
+                name.crypto_key)
+
+
+def destruction_due_key(due_us: int, name: CryptoKeyVersionName) -> bytes:
+    return pack("ix", "due", DESTROY, due_us, name.project, name.location, name.key_ring,
+                name.crypto_key, name.version)
+
+
+def due_range(kind: str, until_us: int) -> tuple[bytes, bytes]:
+    """Index entries of ``kind`` due at or before ``until_us``."""
+    begin, _ = range_of("ix", "due", kind)
+    return begin, pack("ix", "due", kind, until_us + 1)
+
+
+def all_due_range(kind: str) -> tuple[bytes, bytes]:
+    return range_of("ix", "due", kind)
+
+
+def due_time_of(key: bytes) -> int:
+    """The due time (microseconds) of a due index entry."""
+    return int(unpack(key)[3])
+
+
+def name_from_due_key(key: bytes) -> CryptoKeyName | CryptoKeyVersionName:
+    """The CryptoKey (rotation) or CryptoKeyVersion (destruction) a due entry is for."""
+    parts = unpack(key)
+    if parts[2] == ROTATE:
+        return CryptoKeyName(*parts[4:8])
+    return CryptoKeyVersionName(*parts[4:9])
 
 
 # ---- values -----------------------------------------------------------------

@@ -78,6 +78,12 @@ class Store(abc.ABC):
         propagates. Conflicts are retried by running ``body`` again.
         """
 
+    async def erase_freed_space(self) -> None:  # noqa: B027 - optional, no-op by default
+        """Make values removed by committed transactions unrecoverable from the
+        backend's own files, as far as the backend can (DESIGN.md §2:
+        destruction erases key material). Backends without such files do
+        nothing."""
+
     @abc.abstractmethod
     async def close(self) -> None:
         """Release resources. No transaction may run afterwards."""

@@ -296,5 +296,8 @@ class SealedStore(Store):
 
         return await self._inner.run(sealed_body, read_only=read_only)
 
+    async def erase_freed_space(self) -> None:
+        await self._inner.erase_freed_space()
+
     async def close(self) -> None:
         await self._inner.close()

@@ -263,6 +263,10 @@ class SqliteStore(Store):
         """
         await self._call(self._checkpoint_sync)
 
+    async def erase_freed_space(self) -> None:
+        """See Store.erase_freed_space: here, a checkpoint (secure_delete is on)."""
+        await self.checkpoint()
+
     # -- internals ---------------------------------------------------------
 
     async def _call(self, fn: Callable[..., T], *args: object) -> T:

@@ -1,0 +1,128 @@
+"""A consistency check of the whole keyspace.
+
+Checks the invariants every transaction must keep, so tests (and operators,
+through ``valv fsck``) can tell that a crash, a bug or an edit left nothing
+half-done:
+
+- every CryptoKey's primary points at an existing version, and its
+  next_version_id is above every version it has;
+- every version belongs to an existing key and has key material, unless it
+  is DESTROYED, in which case its material is gone;
+- no key material without its version;
+- the rotation and destruction indexes hold exactly one entry per record
+  that is due, at the record's due time, and nothing else;
+- every record unseals and decodes.
+
+It reads the keyspace in one read-only transaction, so it sees one instant.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from valv.core import records
+from valv.core.clock import to_micros
+from valv.core.model import VersionState
+from valv.core.names import CryptoKeyName, CryptoKeyVersionName
+from valv.core.storage.base import Store, Transaction
+from valv.core.storage.keys import describe, range_of, unpack
+
+_CHUNK = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    record: str
+    issue: str
+
+    def __str__(self) -> str:
+        return f"{self.record}: {self.issue}"
+
+
+def _scan(tr: Transaction, *prefix: str) -> Iterator[tuple[bytes, bytes]]:
+    begin, end = range_of(*prefix)
+    while True:
+        chunk = tr.get_range(begin, end, limit=_CHUNK)
+        yield from chunk
+        if len(chunk) < _CHUNK:
+            return
+        begin = chunk[-1][0] + b"\x00"
+
+
+def check_body(tr: Transaction) -> list[Problem]:
+    problems: list[Problem] = []
+
+    def problem(key: bytes, issue: str) -> None:
+        problems.append(Problem(describe(key), issue))
+
+    keys: dict[CryptoKeyName, records.CryptoKeyState] = {}
+    for key, value in _scan(tr, "ck"):
+        try:
+            key_name = CryptoKeyName(*unpack(key)[1:])
+            keys[key_name] = records.decode_crypto_key(key_name, key, value)
+        except Exception as exc:
+            problem(key, f"does not decode: {exc}")
+
+    versions: dict[CryptoKeyVersionName, VersionState] = {}
+    expected_due: set[bytes] = set()
+    for key, value in _scan(tr, "cv"):
+        try:
+            version_name = CryptoKeyVersionName(*unpack(key)[1:])
+            version = records.decode_version(version_name, key, value)
+        except Exception as exc:
+            problem(key, f"does not decode: {exc}")
+            continue
+        versions[version_name] = version.state
+        parent = keys.get(version_name.parent)
+        if parent is None:
+            problem(key, "version of a CryptoKey that does not exist")
+        elif version_name.version >= parent.next_version_id:
+            problem(key, f"version id is not below the key's next_version_id "
+                         f"{parent.next_version_id}")
+        if version.state == VersionState.DESTROY_SCHEDULED:
+            if version.destroy_time is None:
+                problem(key, "DESTROY_SCHEDULED without a destroy_time")
+            else:
+                expected_due.add(records.destruction_due_key(to_micros(version.destroy_time),
+                                                             version_name))
+
+    materials: set[CryptoKeyVersionName] = set()
+    for key, value in _scan(tr, "km"):
+        material_name = CryptoKeyVersionName(*unpack(key)[1:])
+        materials.add(material_name)
+        try:
+            records.decode_material(key, value)
+        except Exception as exc:
+            problem(key, f"does not decode: {exc}")
+        state = versions.get(material_name)
+        if state is None:
+            problem(key, "key material without a version record")
+        elif state == VersionState.DESTROYED:
+            problem(key, "key material of a DESTROYED version was not erased")
+    for version_name, state in versions.items():
+        if state != VersionState.DESTROYED and version_name not in materials:
+            problem(records.version_key(version_name),
+                    f"{state.name} version without key material")
+
+    for key_name, state_record in keys.items():
+        key_key = records.crypto_key_key(key_name)
+        primary = state_record.primary_version_id
+        if primary and key_name.version(primary) not in versions:
+            problem(key_key, f"primary version {primary} does not exist")
+        due = state_record.key.next_rotation_time
+        if due is not None:
+            expected_due.add(records.rotation_due_key(to_micros(due), key_name))
+
+    found_due = {key for kind in (records.ROTATE, records.DESTROY)
+                 for key, _ in _scan(tr, "ix", "due", kind)}
+    for key in sorted(expected_due - found_due):
+        problem(key, "missing due index entry")
+    for key in sorted(found_due - expected_due):
+        problem(key, "orphaned due index entry")
+    return problems
+
+
+async def check(store: Store) -> list[Problem]:
+    """Every consistency problem in ``store`` (a sealed store), empty if none."""
+    return await store.run(check_body, read_only=True)
