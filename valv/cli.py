@@ -11,17 +11,9 @@ from pathlib import Path
 from valv.settings import env_flag, parse_address, parse_duration
 
 
-def _add_central(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _add_store_flags(p: argparse.ArgumentParser) -> None:
     from valv.central.server import default_data_dir
 
-    p = sub.add_parser(
-        "central", help="run the central KMS server",
-        description="Run Valv central: the Cloud KMS v1 compatible gRPC server. Every flag "
-                    "can also be set with the environment variable shown.")
-    env_flag(p, "--addr", "VALV_ADDR", default="0.0.0.0:50051",
-             help="TCP listen address HOST:PORT (port 0 picks a free port)")
-    env_flag(p, "--unix-socket", "VALV_UNIX_SOCKET",
-             help="also listen on this unix socket path (created mode 0600)")
     env_flag(p, "--data-dir", "VALV_DATA_DIR", default=str(default_data_dir()),
              help="directory for the embedded store and the development master key")
     env_flag(p, "--store", "VALV_STORE",
@@ -31,6 +23,61 @@ def _add_central(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
              help="root master key file(s), comma-separated, oldest first; the last wraps "
                   "new keys (default: a development key created in the data dir, with a "
                   "warning)")
+
+
+def _master_key_files(args: argparse.Namespace) -> tuple[Path, ...]:
+    return tuple(Path(p.strip()) for p in (args.master_key_file or "").split(",") if p.strip())
+
+
+def _add_fsck(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "fsck", help="check a store's consistency",
+        description="Check every invariant of a Valv store (index entries, key material, "
+                    "primaries) in one read-only transaction; prints one JSON line per "
+                    "problem and exits 1 if there are any. Safe to run while central serves.")
+    _add_store_flags(p)
+    p.set_defaults(func=_run_fsck)
+
+
+def _run_fsck(args: argparse.Namespace) -> int:
+    import json
+
+    from valv.central.server import CentralConfig, open_sealed_store
+    from valv.core import fsck
+    from valv.core.crypto.errors import RootKeyConfigError
+    from valv.core.storage.base import StorageError
+
+    config = CentralConfig(data_dir=Path(args.data_dir), store_url=args.store or None,
+                           master_key_files=_master_key_files(args))
+
+    async def run() -> list[fsck.Problem]:
+        store = await open_sealed_store(config, create_dev_key=False)
+        try:
+            return await fsck.check(store)
+        finally:
+            await store.close()
+
+    try:
+        problems = asyncio.run(run())
+    except (RootKeyConfigError, StorageError, OSError) as exc:
+        print(f"valv fsck: error: {exc}", file=sys.stderr)
+        return 2
+    for problem in problems:
+        print(json.dumps({"record": problem.record, "problem": problem.issue}))
+    print(f"{len(problems)} problem(s) in {config.effective_store_url}", file=sys.stderr)
+    return 1 if problems else 0
+
+
+def _add_central(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "central", help="run the central KMS server",
+        description="Run Valv central: the Cloud KMS v1 compatible gRPC server. Every flag "
+                    "can also be set with the environment variable shown.")
+    env_flag(p, "--addr", "VALV_ADDR", default="0.0.0.0:50051",
+             help="TCP listen address HOST:PORT (port 0 picks a free port)")
+    env_flag(p, "--unix-socket", "VALV_UNIX_SOCKET",
+             help="also listen on this unix socket path (created mode 0600)")
+    _add_store_flags(p)
     env_flag(p, "--locations", "VALV_LOCATIONS", default="global",
              help="comma-separated locations this server serves")
     env_flag(p, "--default-rotation-period", "VALV_DEFAULT_ROTATION_PERIOD", default="30d",
@@ -99,9 +146,7 @@ def _run_central(args: argparse.Namespace) -> int:
             unix_socket=Path(args.unix_socket) if args.unix_socket else None,
             data_dir=Path(args.data_dir),
             store_url=args.store or None,
-            master_key_files=tuple(Path(p.strip())
-                                   for p in (args.master_key_file or "").split(",")
-                                   if p.strip()),
+            master_key_files=_master_key_files(args),
             locations=locations or ("global",),
             default_rotation_period=_default_rotation(args.default_rotation_period),
             key_cache_ttl=parse_duration(args.key_cache_ttl) or timedelta(0),
@@ -127,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="valv", description="Valv: a self-hosted, Cloud KMS compatible key manager")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_central(sub)
+    _add_fsck(sub)
     from valv import bench
 
     bench.add_parser(sub)

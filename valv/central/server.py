@@ -71,10 +71,12 @@ class CentralConfig:
         return self.store_url or f"sqlite://{(self.data_dir / 'valv.db').absolute()}"
 
 
-def load_root_keys(config: CentralConfig) -> RootKeyring:
+def load_root_keys(config: CentralConfig, *, create_dev_key: bool = True) -> RootKeyring:
     keys: list[RootKey] = []
     if config.master_key_files:
         keys = [load_root_key_file(path) for path in config.master_key_files]
+    elif not create_dev_key:
+        keys = [load_root_key_file(config.data_dir / "master.key")]
     else:
         key, created = load_or_create_dev_root_key(config.data_dir)
         keys = [key]
@@ -90,6 +92,13 @@ def load_root_keys(config: CentralConfig) -> RootKeyring:
     for key in keys:
         key.zeroize()  # the keyring keeps only derived subkeys
     return ring
+
+
+async def open_sealed_store(config: CentralConfig, *, create_dev_key: bool = True) -> Store:
+    """The configured store, sealed with the configured root keys."""
+    root_keys = load_root_keys(config, create_dev_key=create_dev_key)
+    raw = await open_store(config.effective_store_url)
+    return SealedStore(raw, Sealer(root_keys))
 
 
 class CentralServer:
