@@ -478,3 +478,33 @@ def test_undecodable_request_is_invalid_argument(central: CentralProcess, method
     assert meta[b"grpc-status"] == str(grpc.StatusCode.INVALID_ARGUMENT.value[0]).encode()
     assert f"{method}Request".encode() in meta[b"grpc-message"]
     assert "Traceback" not in central.logs()
+
+
+def test_unix_socket_path_never_replaces_a_regular_file(tmp_path: Path, short_tmp: Path) -> None:
+    precious = short_tmp / "master.key"
+    precious.write_bytes(b"do not delete me")
+    result = subprocess.run(
+        [sys.executable, "-m", "valv", "central", "--addr", "127.0.0.1:0",
+         "--data-dir", str(tmp_path / "c"), "--unix-socket", str(precious)],
+        capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "not a socket" in result.stderr
+    assert precious.read_bytes() == b"do not delete me"
+
+
+def test_a_stale_unix_socket_is_replaced_but_a_live_one_is_not(tmp_path: Path,
+                                                              short_tmp: Path) -> None:
+    sock_path = short_tmp / "kms.sock"
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(sock_path))
+    stale.close()  # bound but nobody listens: what a killed process leaves behind
+    first = CentralProcess(tmp_path / "a", "--unix-socket", str(sock_path)).start()
+    try:
+        second = subprocess.run(
+            [sys.executable, "-m", "valv", "central", "--addr", "127.0.0.1:0",
+             "--data-dir", str(tmp_path / "b"), "--unix-socket", str(sock_path)],
+            capture_output=True, text=True, timeout=60)
+        assert second.returncode == 2
+        assert "already serving" in second.stderr
+    finally:
+        assert first.stop() == 0

@@ -147,3 +147,40 @@ def test_a_change_through_another_central_arrives_within_the_ttl(tmp_path: Path,
     finally:
         second.stop()
         first.stop()
+
+
+async def test_a_change_whose_caller_was_cancelled_still_invalidates(tmp_path: Path) -> None:
+    """A deadline or disconnect cancels the caller, not the transaction: once it
+    commits, the cache must not keep serving the old state (TTL here: 1 hour)."""
+    import asyncio
+    from datetime import timedelta
+
+    from tests.keystore_fixtures import open_keystore
+    from valv.core.clock import FakeClock
+    from valv.core.errors import FailedPrecondition
+    from valv.core.keystore import NewCryptoKey
+
+    async with open_keystore(tmp_path / "v.db", FakeClock(),
+                             use_cache_ttl=timedelta(hours=1)) as (ks, _):
+        await ks.create_key_ring("projects/p/locations/global", "r")
+        key = str((await ks.create_crypto_key("projects/p/locations/global/keyRings/r", "k",
+                                              NewCryptoKey(purpose=1))).name)
+        await ks.encrypt(key, b"dek", b"")  # cached
+        change = asyncio.ensure_future(ks.update_crypto_key_version(
+            f"{key}/cryptoKeyVersions/1", ["state"], int(VersionState.DISABLED)))
+        await asyncio.sleep(0)  # let it start
+        change.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await change
+
+        async def refused() -> bool:
+            try:
+                await ks.encrypt(key, b"dek", b"")
+            except FailedPrecondition:
+                return True
+            return False
+
+        deadline = asyncio.get_running_loop().time() + 10
+        while not await refused():
+            assert asyncio.get_running_loop().time() < deadline, "the cache kept old state"
+            await asyncio.sleep(0.01)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import os
@@ -35,7 +34,7 @@ from valv.core.scheduler import DEFAULT_INTERVAL_S, Scheduler
 from valv.core.storage import open_store
 from valv.core.storage.base import Store
 from valv.core.storage.sealed import SealedStore, Sealer
-from valv.netutil import bound_port
+from valv.netutil import bind_unix_socket, bound_port, remove_unix_socket
 
 log = logging.getLogger("valv.central")
 
@@ -138,11 +137,8 @@ class CentralServer:
         self._servers.append(tcp)
         self.tcp_address = (config.host, bound_port(tcp))
         if config.unix_socket is not None:
-            with contextlib.suppress(FileNotFoundError):
-                config.unix_socket.unlink()
             unix = Server(handlers, **server_codecs())
-            await unix.start(path=str(config.unix_socket))
-            os.chmod(config.unix_socket, 0o600)
+            await unix.start(sock=bind_unix_socket(config.unix_socket))
             self._servers.append(unix)
         log.info("valv central serving", extra={"fields": {
             "addr": f"{self.tcp_address[0]}:{self.tcp_address[1]}",
@@ -195,8 +191,7 @@ class CentralServer:
         if self._root_keys is not None:
             self._root_keys.zeroize()
         if self.config.unix_socket is not None:
-            with contextlib.suppress(FileNotFoundError):
-                self.config.unix_socket.unlink()
+            remove_unix_socket(self.config.unix_socket)
         log.info("valv central stopped")
 
 

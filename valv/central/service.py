@@ -84,12 +84,43 @@ def server_codecs() -> dict[str, Any]:
 StreamHandler = Callable[[Any], Awaitable[None]]
 
 
+# The largest request message accepted. The biggest valid KMS request is an
+# Encrypt with 64 KiB of plaintext and 64 KiB of AAD; gRPC's own default is 4 MiB.
+MAX_REQUEST_BYTES = 1024 * 1024
+
+
+def _limit_request_size(stream: Any) -> None:
+    """Refuse a request message longer than MAX_REQUEST_BYTES before reading it.
+
+    grpclib reads a whole length-prefixed message into memory before decoding
+    it and has no size limit, so one huge request could exhaust memory. Its
+    reader asks the HTTP/2 stream for the 5-byte prefix and then for exactly
+    the announced length; we refuse that second read when it is too large.
+    (This reaches into grpclib's private stream object: covered by a test.)
+    """
+    protocol_stream = stream._stream
+    read = protocol_stream.recv_data
+
+    async def bounded_read(size: int) -> bytes:
+        if size > MAX_REQUEST_BYTES:
+            raise GRPCError(
+                Status.RESOURCE_EXHAUSTED,
+                f"the request message is {size} bytes; the limit is {MAX_REQUEST_BYTES} bytes",
+            )
+        data: bytes = await read(size)
+        return data
+
+    protocol_stream.recv_data = bounded_read
+
+
 def _guard(method: str, handler: StreamHandler, tracker: CallTracker) -> StreamHandler:
-    """Wrap a grpclib stream handler: count it, and map every failure in one place."""
+    """Wrap a grpclib stream handler: count it, bound its request size, and map
+    every failure in one place."""
 
     async def guarded(stream: Any) -> None:
         if tracker.draining:
             raise GRPCError(Status.UNAVAILABLE, "the server is shutting down; retry elsewhere")
+        _limit_request_size(stream)
         tracker.enter()
         try:
             await handler(stream)

@@ -11,6 +11,7 @@ transaction they are given (plus pure computation such as wrapping a KEK).
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping
@@ -825,12 +826,24 @@ class KeyStore:
             usable.kek.zeroize()
 
     async def _change(self, key_name: CryptoKeyName, body: Callable[[Transaction], T]) -> T:
-        """Run a transaction that changes ``key_name``, then drop its cached use state."""
-        try:
-            return await self._store.run(body)
-        finally:
-            # Also after a failure: the commit outcome may be unknown.
-            self._use_cache.invalidate(str(key_name))
+        """Run a transaction that changes ``key_name``, then drop its cached use state.
+
+        The invalidation is tied to the transaction finishing, not to this
+        coroutine: if the caller is cancelled (deadline, disconnect) the
+        transaction may still commit in its worker thread, and the cache must
+        not keep serving the old state after it does. It also runs after a
+        failure, when the commit outcome may be unknown.
+        """
+        operation = asyncio.ensure_future(self._store.run(body))
+        cache_key = str(key_name)
+
+        def finished(done: asyncio.Future[T]) -> None:
+            self._use_cache.invalidate(cache_key)
+            if not done.cancelled():
+                done.exception()  # retrieved: a cancelled caller can't, and asyncio would warn
+
+        operation.add_done_callback(finished)
+        return await asyncio.shield(operation)
 
     def _load_material(self, tr: Transaction,
                        name: CryptoKeyVersionName) -> tuple[str, bytes]:

@@ -5,15 +5,17 @@ call would otherwise read three records, unseal and decode them, and unwrap
 the KEK. This cache keeps that result for a short time (default 1 s).
 
 Consistency:
-- Changes made through this process invalidate the affected key at once (the
-  keystore calls ``invalidate`` after every committed change), so a caller
-  never sees its own change late.
+- Changes made through this process invalidate the affected key once their
+  transaction has finished (committed or not; see KeyStore._change), so a
+  caller never sees its own change late.
 - A change made through another central process sharing the store reaches
   this one within the TTL. Cloud KMS documents state changes as eventually
   consistent too; set the TTL to 0 to read storage on every call.
-- A load that raced with an invalidation is not cached: ``begin_load``
-  returns a ticket and ``put`` drops results whose ticket predates an
-  invalidation of the same key.
+- A load that raced with an invalidation is never cached: ``begin_load``
+  returns a ticket (a counter, not a time), and ``put`` drops a result when
+  its key was invalidated after the ticket was taken. Invalidations are
+  remembered per key in a bounded map; when one is forgotten, every ticket
+  older than it is refused, so forgetting only costs a cache miss.
 
 Secrets: unwrapped KEKs live here for at most the TTL (plus until the
 garbage collector frees them); they are not zeroized on eviction because a
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -31,9 +34,6 @@ from cachetools import TTLCache
 
 from valv.core.crypto.secrets import SecretBytes
 from valv.core.model import CryptoKeyVersion
-
-# How long an invalidation is remembered; far longer than any load can take.
-_INVALIDATION_MEMORY_S = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,14 +50,16 @@ class UseCache:
     def __init__(self, ttl_s: float = 1.0, maxsize: int = 10_000,
                  timer: Callable[[], float] = time.monotonic) -> None:
         self.enabled = ttl_s > 0
-        self._timer = timer
         self._lock = threading.Lock()
-        ttl = max(ttl_s, 1e-9)
         # (key name, version id) -> UsableVersion; version id 0 means "the primary".
         self._entries: TTLCache[tuple[str, int], UsableVersion] = TTLCache(
-            maxsize, ttl, timer=timer)
-        self._invalidated: TTLCache[str, float] = TTLCache(
-            maxsize, _INVALIDATION_MEMORY_S, timer=timer)
+            maxsize, max(ttl_s, 1e-9), timer=timer)
+        self._max_invalidations = maxsize
+        self._counter = 0
+        # key name -> counter value of its latest invalidation, oldest first.
+        self._invalidated: OrderedDict[str, int] = OrderedDict()
+        # The newest invalidation that was dropped from _invalidated.
+        self._forgotten = 0
 
     def get(self, key_name: str, version_id: int) -> UsableVersion | None:
         if not self.enabled:
@@ -65,24 +67,30 @@ class UseCache:
         with self._lock:
             return self._entries.get((key_name, version_id))
 
-    def begin_load(self) -> float:
-        return self._timer()
+    def begin_load(self) -> int:
+        """A ticket to pass to ``put`` with what is about to be read from storage."""
+        with self._lock:
+            return self._counter
 
-    def put(self, key_name: str, ticket: float, entry: UsableVersion, *,
+    def put(self, key_name: str, ticket: int, entry: UsableVersion, *,
             as_primary: bool) -> None:
         if not self.enabled:
             return
         with self._lock:
-            invalidated = self._invalidated.get(key_name)
-            if invalidated is not None and invalidated >= ticket:
-                return
+            if ticket < self._forgotten or self._invalidated.get(key_name, -1) >= ticket + 1:
+                return  # possibly older than a change to this key
             self._entries[(key_name, entry.version.name.version)] = entry
             if as_primary:
                 self._entries[(key_name, 0)] = entry
 
     def invalidate(self, key_name: str) -> None:
         with self._lock:
-            self._invalidated[key_name] = self._timer()
+            self._counter += 1
+            self._invalidated[key_name] = self._counter
+            self._invalidated.move_to_end(key_name)
+            while len(self._invalidated) > self._max_invalidations:
+                _, dropped = self._invalidated.popitem(last=False)
+                self._forgotten = max(self._forgotten, dropped)
             for cache_key in [k for k in self._entries if k[0] == key_name]:
                 self._entries.pop(cache_key, None)
 
