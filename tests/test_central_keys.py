@@ -642,3 +642,17 @@ def test_everything_survives_a_restart(fresh_central: CentralProcess) -> None:
         "parent": key.name, "page_size": 2, "page_token": first_page.next_page_token}, **CALL)
     assert [v.name.rsplit("/", 1)[1] for v in rest.crypto_key_versions] == ["3", "4"]
     kms.transport.close()
+
+
+def test_a_next_rotation_time_at_the_unix_epoch_is_kept(kms: Client, key_ring: str) -> None:
+    """0 microseconds is a time like any other (records keep presence explicitly)."""
+    epoch = timestamp_pb2.Timestamp(seconds=0)
+    key = _create_key(kms, key_ring, next_rotation_time=epoch,
+                      rotation_period=duration_pb2.Duration(seconds=86400))
+    assert key.next_rotation_time == datetime(1970, 1, 1, tzinfo=UTC)
+    got = kms.get_crypto_key(request={"name": key.name}, **CALL)
+    assert got.next_rotation_time == datetime(1970, 1, 1, tzinfo=UTC)
+    updated = kms.update_crypto_key(
+        request={"crypto_key": {"name": key.name, "labels": {"a": "b"}},
+                 "update_mask": {"paths": ["labels"]}}, **CALL)
+    assert updated.labels == {"a": "b"}

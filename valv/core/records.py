@@ -20,7 +20,7 @@ Values are sealed by the storage layer, so nothing here is secret-aware.
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from valv._proto.valv.storage import v1 as pb
@@ -229,12 +229,12 @@ def decode_material(key: bytes, value: bytes) -> tuple[str, bytes]:
 
 def _duration_micros(delta: timedelta) -> int:
     # Durations are kept in microseconds, the precision betterproto2 gives us.
-    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+    return delta // timedelta(microseconds=1)
 
 
-def _opt_micros(when: Any) -> int:
-    return 0 if when is None else to_micros(when)
+def _opt_micros(when: datetime | None) -> int | None:
+    return None if when is None else to_micros(when)
 
 
-def _opt_time(micros: int) -> Any:
-    return None if micros == 0 else from_micros(micros)
+def _opt_time(micros: int | None) -> datetime | None:
+    return None if micros is None else from_micros(micros)

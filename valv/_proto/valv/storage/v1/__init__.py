@@ -50,9 +50,11 @@ class CryptoKeyRecord(betterproto2.Message):
     Rotation period in microseconds; 0 when the key does not rotate.
     """
 
-    next_rotation_time_us: "int" = betterproto2.field(7, betterproto2.TYPE_INT64)
+    next_rotation_time_us: "int | None" = betterproto2.field(
+        7, betterproto2.TYPE_INT64, optional=True
+    )
     """
-    Next automatic rotation, microseconds since the epoch; 0 when unset.
+    Next automatic rotation, microseconds since the epoch; absent when unset.
     """
 
     template_algorithm: "int" = betterproto2.field(8, betterproto2.TYPE_INT32)
@@ -103,11 +105,16 @@ class CryptoKeyVersionRecord(betterproto2.Message):
 
     protection_level: "int" = betterproto2.field(5, betterproto2.TYPE_INT32)
 
-    generate_time_us: "int" = betterproto2.field(6, betterproto2.TYPE_INT64)
+    generate_time_us: "int | None" = betterproto2.field(6, betterproto2.TYPE_INT64, optional=True)
+    """
+    Absent when unset (0 is a valid time: the epoch).
+    """
 
-    destroy_time_us: "int" = betterproto2.field(7, betterproto2.TYPE_INT64)
+    destroy_time_us: "int | None" = betterproto2.field(7, betterproto2.TYPE_INT64, optional=True)
 
-    destroy_event_time_us: "int" = betterproto2.field(8, betterproto2.TYPE_INT64)
+    destroy_event_time_us: "int | None" = betterproto2.field(
+        8, betterproto2.TYPE_INT64, optional=True
+    )
 
 
 default_message_pool.register_message(
