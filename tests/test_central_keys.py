@@ -169,7 +169,8 @@ def test_duplicate_crypto_key_is_already_exists_and_overwrites_nothing(
     ciphertext = _encrypt(kms, key.name, b"keep me").ciphertext
     for attempt in (
         {"labels": {"env": "dev", "other": "x"}},
-        {"rotation_period": timedelta(days=2)},
+        {"rotation_period": timedelta(days=2),
+         "next_rotation_time": datetime.now(UTC) + timedelta(days=1)},
         {"destroy_scheduled_duration": timedelta(days=2)},
     ):
         with pytest.raises(gexc.AlreadyExists) as caught:
@@ -319,12 +320,22 @@ def test_skip_initial_version_creation(kms: Client, key_ring: str) -> None:
     assert _encrypt(kms, key.name).name == v1.name
 
 
-def test_explicit_rotation_period(kms: Client, key_ring: str) -> None:
-    key = _create_key(kms, key_ring, rotation_period=timedelta(days=2, hours=3))
-    pb = _pb(key)
-    period = (2 * 86_400 + 3 * 3600) * 1_000_000
-    assert _dur_micros(pb.rotation_period) == period
-    assert _micros(pb.next_rotation_time) == _micros(pb.create_time) + period
+def test_rotation_period_without_next_rotation_time_is_invalid(kms: Client,
+                                                                key_ring: str) -> None:
+    """As Cloud KMS: "If rotation_period is set, next_rotation_time must also be set"."""
+    with pytest.raises(gexc.InvalidArgument) as caught:
+        _create_key(kms, key_ring, rotation_period=timedelta(days=2, hours=3))
+    assert "next_rotation_time" in caught.value.message
+    with pytest.raises(gexc.NotFound):
+        kms.get_crypto_key(request={"name": f"{key_ring}/cryptoKeys/k"}, **CALL)
+
+
+def test_next_rotation_time_without_a_period_gets_the_default_period(kms: Client,
+                                                                    key_ring: str) -> None:
+    when = datetime.now(UTC).replace(microsecond=0) + timedelta(days=3)
+    key = _create_key(kms, key_ring, next_rotation_time=when)
+    assert key.next_rotation_time == when
+    assert key.rotation_period == timedelta(days=30)
 
 
 def test_explicit_rotation_period_and_next_rotation_time(kms: Client, key_ring: str) -> None:
@@ -340,7 +351,8 @@ def test_explicit_rotation_period_and_next_rotation_time(kms: Client, key_ring: 
 ])
 def test_rotation_period_bounds_accepted(kms: Client, key_ring: str,
                                          period: timedelta) -> None:
-    key = _create_key(kms, key_ring, rotation_period=period)
+    key = _create_key(kms, key_ring, rotation_period=period,
+                      next_rotation_time=datetime.now(UTC) + timedelta(days=1))
     assert key.rotation_period == period
 
 
@@ -350,7 +362,8 @@ def test_rotation_period_bounds_accepted(kms: Client, key_ring: str,
 ])
 def test_rotation_period_out_of_bounds(kms: Client, key_ring: str, period: timedelta) -> None:
     with pytest.raises(gexc.InvalidArgument) as caught:
-        _create_key(kms, key_ring, rotation_period=period)
+        _create_key(kms, key_ring, rotation_period=period,
+                    next_rotation_time=datetime.now(UTC) + timedelta(days=1))
     assert "rotation_period" in caught.value.message
 
 
@@ -373,9 +386,15 @@ def test_default_rotation_can_be_disabled(
     assert not _pb(kms.get_crypto_key(request={"name": key.name}, **CALL)).HasField(
         "next_rotation_time")
     # An explicit period still works there.
-    explicit = _create_key(kms, ring.name, "k2", rotation_period=timedelta(days=3))
-    assert _micros(_pb(explicit).next_rotation_time) == (
-        _micros(_pb(explicit).create_time) + 3 * 86_400 * 1_000_000)
+    when = datetime.now(UTC).replace(microsecond=0) + timedelta(days=3)
+    explicit = _create_key(kms, ring.name, "k2", rotation_period=timedelta(days=3),
+                           next_rotation_time=when)
+    assert explicit.next_rotation_time == when
+    assert explicit.rotation_period == timedelta(days=3)
+    # A next time alone rotates once (there is no default period to apply).
+    once = _create_key(kms, ring.name, "k3", next_rotation_time=when)
+    assert once.next_rotation_time == when
+    assert not _pb(once).HasField("rotation_period")
 
 
 @pytest.mark.parametrize("duration", [timedelta(days=1), timedelta(days=120),

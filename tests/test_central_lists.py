@@ -394,8 +394,9 @@ def test_key_ring_name_filter(kms: Client, location: str) -> None:
     page = _page(kms, "rings", location, filter="name:prod")
     assert [_tail(n) for n in page.names] == ["prod-a", "prod-b"]
     assert page.total == 2
-    # OR binds tighter than AND: prod AND (-b OR dev).
-    page = _page(kms, "rings", location, filter="name:prod AND name:-b OR name:dev")
+    # OR binds tighter than AND: prod AND (prod-b OR dev). (Terms must not match the
+    # random project id in the full name: "-b" would, for a project "p-b...".)
+    page = _page(kms, "rings", location, filter="name:prod AND name:prod-b OR name:dev")
     assert [_tail(n) for n in page.names] == ["prod-b"]
     assert _page(kms, "rings", location).total == 3
 

@@ -23,8 +23,12 @@ RING = f"{LOCATION}/keyRings/r"
 
 
 async def make_key(ks: KeyStore, key_id: str = "k", **spec: object) -> str:
+    """A key; a rotation_period without next_rotation_time starts one period from now."""
     with contextlib.suppress(AlreadyExists):
         await ks.create_key_ring(LOCATION, "r")
+    period = spec.get("rotation_period")
+    if isinstance(period, timedelta) and "next_rotation_time" not in spec:
+        spec["next_rotation_time"] = ks._clock.now() + period  # noqa: SLF001
     key = await ks.create_crypto_key(RING, key_id, NewCryptoKey(purpose=1, **spec))  # type: ignore[arg-type]
     return str(key.name)
 

@@ -279,6 +279,8 @@ class KeyStore:
     def _validate_new_key(self, name: CryptoKeyName, spec: NewCryptoKey,
                           now: datetime) -> CryptoKey:
         purpose = spec.purpose
+        if purpose not in Purpose.__members__.values():
+            raise InvalidArgument(f"crypto_key.purpose {purpose} is not a CryptoKeyPurpose")
         if purpose == Purpose.UNSPECIFIED:
             raise InvalidArgument(
                 "crypto_key.purpose is required; Valv supports ENCRYPT_DECRYPT"
@@ -296,11 +298,18 @@ class KeyStore:
         rotation_period = spec.rotation_period
         next_rotation_time = spec.next_rotation_time
         if rotation_period is None:
+            # The one deliberate difference from Cloud KMS (DESIGN.md §1): keys
+            # rotate by default.
             rotation_period = self.settings.default_rotation_period
+            if next_rotation_time is None and rotation_period is not None:
+                next_rotation_time = now + rotation_period
         else:
             _check_rotation_period(rotation_period)
-        if next_rotation_time is None and rotation_period is not None:
-            next_rotation_time = now + rotation_period
+            if next_rotation_time is None:
+                raise InvalidArgument(
+                    "crypto_key.next_rotation_time must be set when rotation_period is set "
+                    "(as in Cloud KMS); or omit both to get the server's default rotation"
+                )
         destroy_duration = spec.destroy_scheduled_duration
         if destroy_duration is None:
             destroy_duration = self.settings.default_destroy_scheduled_duration
@@ -326,6 +335,8 @@ class KeyStore:
 
     @staticmethod
     def _check_protection_level(level: int) -> int:
+        if level not in ProtectionLevel.__members__.values():
+            raise InvalidArgument(f"protection_level {level} is not a ProtectionLevel")
         if level in (ProtectionLevel.UNSPECIFIED, ProtectionLevel.SOFTWARE):
             return int(ProtectionLevel.SOFTWARE)
         raise Unimplemented(
