@@ -28,7 +28,7 @@ async def make_key(ks: KeyStore, key_id: str = "k", **spec: object) -> str:
         await ks.create_key_ring(LOCATION, "r")
     period = spec.get("rotation_period")
     if isinstance(period, timedelta) and "next_rotation_time" not in spec:
-        spec["next_rotation_time"] = ks._clock.now() + period  # noqa: SLF001
+        spec["next_rotation_time"] = ks._clock.now() + period
     key = await ks.create_crypto_key(RING, key_id, NewCryptoKey(purpose=1, **spec))  # type: ignore[arg-type]
     return str(key.name)
 
