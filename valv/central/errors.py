@@ -18,7 +18,7 @@ from grpclib.const import Status
 
 from valv.core.crypto.errors import InvalidCiphertextError, RootKeyConfigError
 from valv.core.errors import ErrorCode, ValvError
-from valv.core.storage.base import LimitExceededError
+from valv.core.storage.base import LimitExceededError, ReadOnlyTransactionError, StorageError
 from valv.core.storage.sealed import TamperedRecordError
 
 log = logging.getLogger("valv.central")
@@ -47,6 +47,14 @@ def to_grpc_error(exc: BaseException, method: str) -> GRPCError:
         return GRPCError(Status.INVALID_ARGUMENT, str(exc))
     if isinstance(exc, RootKeyConfigError):
         return GRPCError(Status.FAILED_PRECONDITION, str(exc))
+    if isinstance(exc, StorageError) and not isinstance(exc, ReadOnlyTransactionError):
+        # Busy beyond the retry deadline, I/O errors, a store being closed:
+        # transient from the caller's point of view, so retryable. Details
+        # (paths, SQLite messages) go to the log, not to the caller.
+        incident = uuid.uuid4().hex[:12]
+        log.warning("storage unavailable in %s (incident %s): %s", method, incident, exc)
+        return GRPCError(Status.UNAVAILABLE,
+                         f"storage is unavailable; retry with backoff (incident {incident})")
     incident = uuid.uuid4().hex[:12]
     log.error("unexpected error in %s (incident %s)", method, incident, exc_info=exc)
     return GRPCError(
