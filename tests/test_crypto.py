@@ -7,6 +7,7 @@ import os
 import pickle
 import stat
 import struct
+from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import hashes
@@ -410,3 +411,15 @@ def test_dev_key_is_random(tmp_path):
     a = create_dev_root_key_file(tmp_path / "a.key")
     b = create_dev_root_key_file(tmp_path / "b.key")
     assert a.key_id != b.key_id
+
+
+def test_a_32_character_passphrase_is_not_a_root_key(tmp_path: Path) -> None:
+    from valv.core.crypto.errors import RootKeyConfigError
+    from valv.core.crypto.rootkey import load_root_key_file
+
+    for text in (b"correcthorsebatterystaple1234567", b"0123456789abcdef0123456789abcdef"):
+        path = tmp_path / "rmk"
+        path.write_bytes(text)
+        path.chmod(0o600)
+        with pytest.raises(RootKeyConfigError, match="passphrase"):
+            load_root_key_file(path)

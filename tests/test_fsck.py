@@ -49,3 +49,16 @@ def test_fsck_refuses_a_store_without_its_root_key(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "master.key" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_data_dir_with_url_characters_keeps_key_and_store_together(tmp_path: Path) -> None:
+    data = tmp_path / "odd%41#dir?x"
+    central = CentralProcess(data).start()
+    try:
+        kms = central.client()
+        kms.create_key_ring(request={"parent": "projects/p/locations/global",
+                                     "key_ring_id": "r", "key_ring": {}}, **CALL)
+    finally:
+        central.stop()
+    assert (data / "valv.db").exists() and (data / "master.key").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["odd%41#dir?x"]

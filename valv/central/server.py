@@ -10,6 +10,7 @@ import signal
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
+from urllib.parse import quote
 
 from grpclib._typing import IServable
 from grpclib.server import Server
@@ -67,7 +68,10 @@ class CentralConfig:
 
     @property
     def effective_store_url(self) -> str:
-        return self.store_url or f"sqlite://{(self.data_dir / 'valv.db').absolute()}"
+        if self.store_url:
+            return self.store_url
+        # Quoted: a data dir may contain '%', '#' or '?', which mean something in a URL.
+        return f"sqlite://{quote(str((self.data_dir / 'valv.db').absolute()))}"
 
 
 def load_root_keys(config: CentralConfig, *, create_dev_key: bool = True) -> RootKeyring:

@@ -331,6 +331,15 @@ class RootKeyring:
 
 def _parse_key_file(data: bytes, path: str) -> SecretBytes:
     if len(data) == ROOT_KEY_SIZE:
+        # 32 random bytes are almost never all printable ASCII (chance ~2**-45);
+        # 32 printable characters are a passphrase or a hex/base64 string of
+        # too little entropy, and a key must never come from a password.
+        if all(0x20 <= b < 0x7F for b in data):
+            raise RootKeyConfigError(
+                f"root key file {path} holds 32 printable characters, which looks like a "
+                "passphrase or a short hex string, not 32 random bytes; create a key with "
+                "`head -c 32 /dev/urandom | base64 > FILE`"
+            )
         return SecretBytes(data)
     text = data.strip()
     try:
