@@ -19,9 +19,7 @@ from valv.core.crypto import (
     InvalidCiphertextError,
     SecretBytes,
     SubkeyCache,
-    decrypt,
     derive_subkey,
-    encrypt,
     generate_kek,
     read_version_id,
 )
@@ -279,11 +277,6 @@ def test_separate_codecs_interoperate():
     assert (b.cache.misses, b.cache.hits, len(b.cache)) == (1, 0, 1)
     assert _dec(b, ct) == b"shared"
     assert (b.cache.misses, b.cache.hits) == (1, 1)
-
-
-def test_module_level_default():
-    ct = encrypt(KEK, key_name=KEY, version_id=5, plaintext=b"d", aad=b"")
-    assert decrypt(KEK, key_name=KEY, version_id=5, ciphertext=ct, aad=b"") == b"d"
 
 
 # -- tampering ----------------------------------------------------------------

@@ -52,7 +52,6 @@ from valv.core.names import (
     CryptoKeyVersionName,
     KeyRingName,
     LocationName,
-    ProjectName,
     check_id,
     parse_crypto_key,
     parse_crypto_key_version,
@@ -470,8 +469,8 @@ class KeyStore:
             _check_labels(update.labels)
         if {"version_template.algorithm", "version_template"} & paths:
             algorithm = self._check_algorithm(update.template_algorithm)
-        # version_template.protection_level is immutable: the transaction below rejects a
-        # change with INVALID_ARGUMENT (not UNIMPLEMENTED, whatever the level).
+        # The whole "version_template" path may carry a protection_level, which is
+        # immutable: the transaction rejects a different one with INVALID_ARGUMENT.
 
         def body(tr: Transaction) -> CryptoKey:
             state = self._load_key_state(tr, key_name)
@@ -1057,12 +1056,15 @@ def _human(delta: timedelta) -> str:
 
 
 __all__ = [
+    "MAX_DESTROY_SCHEDULED_DURATION",
+    "MAX_ROTATION_PERIOD",
+    "MIN_ROTATION_PERIOD",
     "CryptoKeyUpdate",
     "DecryptResult",
+    "DueOutcome",
     "EncryptResult",
     "KeyStore",
     "KeystoreSettings",
     "NewCryptoKey",
     "Page",
-    "ProjectName",
 ]

@@ -42,6 +42,10 @@ class Scheduler:
             raise ValueError("the scheduler interval must be positive")
         self._keystore = keystore
         self.interval_s = interval_s
+        # Erase freed space at the first tick: a process that destroyed key
+        # material and crashed before its erase left the old bytes behind.
+        # Stays set after a failed erase, so the next tick tries again.
+        self._erase_pending = True
 
     async def tick(self, stop: asyncio.Event | None = None) -> TickReport:
         """Apply everything that is due now (or until ``stop`` is set)."""
@@ -49,10 +53,14 @@ class Scheduler:
         for kind in (records.ROTATE, records.DESTROY):
             await self._drain(kind, report, stop)
         if report.destroyed:
+            self._erase_pending = True
+        if self._erase_pending:
             try:
                 await self._keystore.erase_freed_space()
+                self._erase_pending = False
             except Exception:
-                log.exception("could not erase freed storage space after destruction")
+                log.exception("could not erase freed storage space after destruction; "
+                              "retrying at the next tick")
         return report
 
     async def _drain(self, kind: str, report: TickReport, stop: asyncio.Event | None) -> None:

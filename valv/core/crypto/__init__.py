@@ -12,10 +12,7 @@ from valv.core.crypto.ciphertext import (
     CiphertextCodec,
     CiphertextWriter,
     SubkeyCache,
-    decrypt,
-    default_codec,
     derive_subkey,
-    encrypt,
     read_version_id,
 )
 from valv.core.crypto.errors import (
@@ -57,10 +54,7 @@ __all__ = [
     "SubkeyCache",
     "UnknownRootKeyError",
     "create_dev_root_key_file",
-    "decrypt",
-    "default_codec",
     "derive_subkey",
-    "encrypt",
     "generate_kek",
     "load_or_create_dev_root_key",
     "load_root_key_file",

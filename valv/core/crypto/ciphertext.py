@@ -44,6 +44,7 @@ and nothing else. Size limits (64 KiB) are checked by the service, not here.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import os
 import struct
 import threading
@@ -76,10 +77,7 @@ __all__ = [
     "CiphertextCodec",
     "CiphertextWriter",
     "SubkeyCache",
-    "decrypt",
-    "default_codec",
     "derive_subkey",
-    "encrypt",
     "read_version_id",
 ]
 
@@ -118,7 +116,7 @@ def _kek_bytes(kek: KekLike) -> bytes:
     material = bytes(kek)  # raises ValueError for a zeroized SecretBytes
     if len(material) != KEK_SIZE:
         raise ValueError(f"a KEK must be {KEK_SIZE} bytes, got {len(material)}")
-    if material == bytes(KEK_SIZE):
+    if hmac.compare_digest(material, bytes(KEK_SIZE)):
         raise ValueError("refusing an all-zero KEK (was it zeroized while in use?)")
     return material
 
@@ -372,7 +370,7 @@ class CiphertextWriter:
 class CiphertextCodec:
     """A writer session plus a subkey cache: encrypt and decrypt.
 
-    Servers and tests each own one; :func:`default_codec` gives a shared one.
+    Each server (and each test) owns one: one writer session per process.
     """
 
     def __init__(
@@ -448,50 +446,12 @@ class CiphertextCodec:
         return f"CiphertextCodec({self.writer!r}, {self.cache!r})"
 
 
-# -- module-level default -----------------------------------------------------
-
-_default: CiphertextCodec | None = None
-_default_lock = threading.Lock()
-
-
-def default_codec() -> CiphertextCodec:
-    """A process-wide codec, created on first use."""
-    global _default
-    codec = _default
-    if codec is None:
-        with _default_lock:
-            if _default is None:
-                _default = CiphertextCodec()
-            codec = _default
-    return codec
-
-
-def encrypt(
-    kek: KekLike, *, key_name: str, version_id: int, plaintext: BytesLike, aad: BytesLike
-) -> bytes:
-    """:meth:`CiphertextCodec.encrypt` on :func:`default_codec`."""
-    return default_codec().encrypt(
-        kek, key_name=key_name, version_id=version_id, plaintext=plaintext, aad=aad
-    )
-
-
-def decrypt(
-    kek: KekLike, *, key_name: str, version_id: int, ciphertext: BytesLike, aad: BytesLike
-) -> bytes:
-    """:meth:`CiphertextCodec.decrypt` on :func:`default_codec`."""
-    return default_codec().decrypt(
-        kek, key_name=key_name, version_id=version_id, ciphertext=ciphertext, aad=aad
-    )
-
-
 # -- fork safety --------------------------------------------------------------
 
 _FORK_RESET: weakref.WeakSet[SubkeyCache | CiphertextWriter] = weakref.WeakSet()
 
 
 def _reset_after_fork() -> None:
-    global _default_lock
-    _default_lock = threading.Lock()
     for obj in list(_FORK_RESET):
         obj._after_fork_in_child()
 

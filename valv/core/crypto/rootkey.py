@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hmac
 import os
 import stat
 import struct
@@ -106,7 +107,7 @@ class RootKey:
             )
         if key is material:
             key = SecretBytes(key)  # own a private copy
-        if bytes(key) == bytes(ROOT_KEY_SIZE):
+        if hmac.compare_digest(bytes(key), bytes(ROOT_KEY_SIZE)):
             key.zeroize()
             raise RootKeyConfigError("refusing an all-zero root key")
         self._key = key
@@ -244,7 +245,7 @@ class RootKeyring:
         material = bytes(kek)
         if not material:
             raise ValueError("refusing to wrap empty key material")
-        if material == bytes(len(material)):
+        if hmac.compare_digest(material, bytes(len(material))):
             raise ValueError("refusing to wrap all-zero key material")
         entry = self._entry(self.newest_id)
         aad = self._wrap_aad(version_name, algorithm, entry.key_id)
