@@ -112,6 +112,19 @@ def _default_rotation(text: str) -> timedelta | None:
     return period
 
 
+MAX_KEY_CACHE_TTL = timedelta(seconds=60)
+
+
+def _key_cache_ttl(text: str) -> timedelta:
+    ttl = parse_duration(text) or timedelta(0)
+    if ttl > MAX_KEY_CACHE_TTL:
+        # The TTL bounds how late another central sees a disable or destroy.
+        raise argparse.ArgumentTypeError(
+            f"--key-cache-ttl {text!r} is over the 60s maximum: it bounds how long a "
+            "disabled or destroyed version stays usable through another central")
+    return ttl
+
+
 def _scheduler_interval(text: str) -> float | None:
     interval = parse_duration(text)
     return None if interval is None else interval.total_seconds()
@@ -149,7 +162,7 @@ def _run_central(args: argparse.Namespace) -> int:
             master_key_files=_master_key_files(args),
             locations=locations or ("global",),
             default_rotation_period=_default_rotation(args.default_rotation_period),
-            key_cache_ttl=parse_duration(args.key_cache_ttl) or timedelta(0),
+            key_cache_ttl=_key_cache_ttl(args.key_cache_ttl),
             scheduler_interval_s=_scheduler_interval(args.scheduler_interval),
             min_destroy_scheduled_duration=_min_destroy(args.min_destroy_duration),
             ready_file=Path(args.ready_file) if args.ready_file else None,

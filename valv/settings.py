@@ -34,7 +34,10 @@ def parse_duration(text: str) -> timedelta | None:
         raise argparse.ArgumentTypeError(
             f"{text!r} is not a duration; use e.g. 30d, 12h, 90m, 45s or 'off'"
         )
-    return timedelta(seconds=float(match.group(1)) * _UNIT_SECONDS[match.group(2)])
+    try:
+        return timedelta(seconds=float(match.group(1)) * _UNIT_SECONDS[match.group(2)])
+    except OverflowError:
+        raise argparse.ArgumentTypeError(f"{text!r} is too long a duration") from None
 
 
 def parse_address(text: str) -> tuple[str, int]:
