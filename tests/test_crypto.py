@@ -423,3 +423,18 @@ def test_a_32_character_passphrase_is_not_a_root_key(tmp_path: Path) -> None:
         path.chmod(0o600)
         with pytest.raises(RootKeyConfigError, match="passphrase"):
             load_root_key_file(path)
+
+
+def test_processes_racing_to_create_the_dev_key_all_get_the_same_one(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys; from valv.core.crypto.rootkey import load_or_create_dev_root_key as f;"
+            "print(f(sys.argv[1])[0].key_id)")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "data")],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(8)]
+    results = [p.communicate(timeout=60) for p in procs]
+    assert [p.returncode for p in procs] == [0] * 8, [err for _, err in results]
+    assert len({out.strip() for out, _ in results}) == 1
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["master.key"]

@@ -28,6 +28,7 @@ import base64
 import binascii
 import hmac
 import os
+import secrets
 import stat
 import struct
 from collections.abc import Sequence
@@ -414,40 +415,50 @@ def create_dev_root_key_file(path: PathLike) -> RootKey:
     if not os.path.isdir(parent):
         os.makedirs(parent, mode=0o700, exist_ok=True)
         os.chmod(parent, 0o700)
+    if os.path.lexists(p):
+        raise RootKeyConfigError(f"root key file {p} already exists; refusing to overwrite it")
+    # Written to a private temporary file first and then linked into place, so
+    # a process starting at the same moment never reads a half-written key:
+    # the name appears complete or not at all (link fails if it exists).
+    tmp = f"{p}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
     flags |= getattr(os, "O_NOFOLLOW", 0)
     try:
-        fd = os.open(p, flags, 0o600)
-    except FileExistsError:
-        raise RootKeyConfigError(
-            f"root key file {p} already exists; refusing to overwrite it"
-        ) from None
+        fd = os.open(tmp, flags, 0o600)
     except OSError as exc:
         raise RootKeyConfigError(
             f"cannot create root key file {p}: {exc.strerror or exc}"
         ) from None
     material = SecretBytes(os.urandom(ROOT_KEY_SIZE))
     try:
-        os.fchmod(fd, 0o600)
-        encoded = bytearray(base64.b64encode(bytes(material)) + b"\n")
         try:
-            view = memoryview(encoded)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
-            view.release()
+            os.fchmod(fd, 0o600)
+            encoded = bytearray(base64.b64encode(bytes(material)) + b"\n")
+            try:
+                view = memoryview(encoded)
+                while view:
+                    written = os.write(fd, view)
+                    view = view[written:]
+                view.release()
+            finally:
+                encoded[:] = bytes(len(encoded))
+            os.fsync(fd)
         finally:
-            encoded[:] = bytes(len(encoded))
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        material.zeroize()
+            os.close(fd)
         try:
-            os.unlink(p)
+            os.link(tmp, p)
+        except FileExistsError:
+            raise RootKeyConfigError(
+                f"root key file {p} already exists; refusing to overwrite it"
+            ) from None
+    except BaseException:
+        material.zeroize()
+        raise
+    finally:
+        try:
+            os.unlink(tmp)
         except OSError:
             pass
-        raise
-    os.close(fd)
     _fsync_dir(parent)
     with material:
         return RootKey(material)
