@@ -120,9 +120,11 @@ def run_bench(calls: int, concurrencies: list[int]) -> list[tuple[Result, Result
             ["central", "--addr", "127.0.0.1:0", "--data-dir", str(work / "data"),
              "--ready-file", str(work / "central.json"), "--log-level", "warning"],
             work / "central.json", work / "central.log")
-        echo, echo_addr = _start(["bench", "--echo-server", str(work / "echo.json")],
-                                 work / "echo.json", work / "echo.log")
+        procs = [central]
         try:
+            echo, echo_addr = _start(["bench", "--echo-server", str(work / "echo.json")],
+                                     work / "echo.json", work / "echo.log")
+            procs.append(echo)
             key_name = asyncio.run(_prepare_key(central_addr))
             pairs = []
             for concurrency in concurrencies:
@@ -133,7 +135,7 @@ def run_bench(calls: int, concurrencies: list[int]) -> list[tuple[Result, Result
                                Result("valv central", concurrency, calls, valv)))
             return pairs
         finally:
-            for proc in (central, echo):
+            for proc in procs:
                 proc.send_signal(signal.SIGTERM)
                 proc.wait(timeout=30)
 
@@ -154,6 +156,9 @@ def main(args: argparse.Namespace) -> int:
         asyncio.run(_serve_echo(Path(args.echo_server)))
         return 0
     concurrencies = [int(c) for c in args.concurrency.split(",") if c.strip()]
+    if args.calls < 1 or not concurrencies or min(concurrencies) < 1:
+        print("valv bench: error: --calls and --concurrency must be positive", file=sys.stderr)
+        return 2
     pairs = run_bench(args.calls, concurrencies)
     rows = []
     for base, valv in pairs:

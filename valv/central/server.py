@@ -112,7 +112,7 @@ class CentralServer:
         self.clock: Clock = clock or SystemClock()
         self.tracker = CallTracker()
         self.keystore: KeyStore | None = None
-        self._store: Store | None = None
+        self._store: SealedStore | None = None
         self._root_keys: RootKeyring | None = None
         self._servers: list[Server] = []
         self.tcp_address: tuple[str, int] | None = None
@@ -191,6 +191,7 @@ class CentralServer:
         self._servers.clear()
         if self._store is not None:
             await self._store.close()
+            self._store.sealer.forget()  # drop the cached storage ciphers
             self._store = None
         if self._root_keys is not None:
             self._root_keys.zeroize()

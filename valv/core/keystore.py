@@ -178,7 +178,9 @@ class KeyStore:
         self._clock = clock
         self.settings = settings or KeystoreSettings()
         self._codec = codec or ciphertext_format.CiphertextCodec()
-        self._page_tokens = PageTokens(bytes(root_keys.page_token_key()))
+        with root_keys.page_token_key() as mac_key:
+            # PageTokens keeps an immutable copy for the process's lifetime.
+            self._page_tokens = PageTokens(bytes(mac_key))
         self._use_cache = UseCache(self.settings.use_cache_ttl.total_seconds())
 
     # ---- locations ---------------------------------------------------------
