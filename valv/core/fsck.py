@@ -11,6 +11,7 @@ half-done:
 - no key material without its version;
 - the rotation and destruction indexes hold exactly one entry per record
   that is due, at the record's due time, and nothing else;
+- the per-parent counters behind List's total_size match the records;
 - every record unseals and decodes.
 
 It reads the keyspace in one read-only transaction, so it sees one instant.
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 from valv.core import records
 from valv.core.clock import to_micros
 from valv.core.model import VersionState
-from valv.core.names import CryptoKeyName, CryptoKeyVersionName
+from valv.core.names import CryptoKeyName, CryptoKeyVersionName, KeyRingName, LocationName
 from valv.core.storage.base import Store, Transaction
 from valv.core.storage.keys import describe, range_of, unpack
 
@@ -113,6 +114,30 @@ def check_body(tr: Transaction) -> list[Problem]:
         due = state_record.key.next_rotation_time
         if due is not None:
             expected_due.add(records.rotation_due_key(to_micros(due), key_name))
+
+    # The child counters behind List's total_size.
+    rings_per_location: dict[tuple[str, str], int] = {}
+    for key, _ in _scan(tr, "kr"):
+        _, project, location, _ring = unpack(key)
+        rings_per_location[(project, location)] = rings_per_location.get((project, location), 0) + 1
+    keys_per_ring: dict[tuple[str, str, str], int] = {}
+    for key_name in keys:
+        where = (key_name.project, key_name.location, key_name.key_ring)
+        keys_per_ring[where] = keys_per_ring.get(where, 0) + 1
+    counted: dict[bytes, int] = {}
+    for (project, location), n in rings_per_location.items():
+        counted[records.key_ring_count_key(LocationName(project, location))] = n
+    for (project, location, ring), n in keys_per_ring.items():
+        counted[records.crypto_key_count_key(KeyRingName(project, location, ring))] = n
+    stored: dict[bytes, int] = {}
+    for key, value in _scan(tr, "n"):
+        try:
+            stored[key] = records.decode_count(key, value)
+        except Exception as exc:
+            problem(key, f"does not decode: {exc}")
+    for key in sorted(set(counted) | set(stored)):
+        if counted.get(key, 0) != stored.get(key, 0):
+            problem(key, f"count is {stored.get(key, 0)} but there are {counted.get(key, 0)}")
 
     found_due = {key for kind in (records.ROTATE, records.DESTROY)
                  for key, _ in _scan(tr, "ix", "due", kind)}

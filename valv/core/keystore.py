@@ -214,6 +214,7 @@ class KeyStore:
             if tr.get(key) is not None:
                 raise AlreadyExists(f"KeyRing {ring.name} already exists")
             tr.set(key, records.encode_key_ring(ring))
+            _increment(tr, records.key_ring_count_key(location))
             tr.set(records.ctime_index_key("kr", (location.project, location.location),
                                            to_micros(ring.create_time), key_ring_id), key)
             return ring
@@ -248,6 +249,9 @@ class KeyStore:
             primary_range=records.key_rings_range(location),
             index_range=records.ctime_index_range("kr", (location.project, location.location)),
             decode=decode,
+            count=lambda tr: records.decode_count(
+                records.key_ring_count_key(location),
+                tr.get(records.key_ring_count_key(location))),
         )
 
     # ---- crypto keys -------------------------------------------------------------
@@ -270,6 +274,7 @@ class KeyStore:
                 version = self._add_version(tr, state, now)
                 state.primary_version_id = version.name.version
             self._write_key(tr, state, before=None)
+            _increment(tr, records.crypto_key_count_key(ring_name))
             tr.set(records.ctime_index_key(
                 "ck", (name.project, name.location, name.key_ring), to_micros(now),
                 crypto_key_id), key)
@@ -447,10 +452,24 @@ class KeyStore:
             "version_template.protection_level": frozenset(p.name for p in ProtectionLevel),
         }
 
+        # Reading each key's primary version costs a read per key: only worth it
+        # while filtering when the filter looks at it; otherwise only for the page.
+        filter_needs_primary = "primary" in filter_text
+        primary_ids: dict[CryptoKeyName, int] = {}
+
         def decode(tr: Transaction, key: bytes, value: bytes) -> CryptoKey:
             _, p, loc, ring, crypto_key = unpack(key)
             state = records.decode_crypto_key(CryptoKeyName(p, loc, ring, crypto_key), key, value)
-            return self._resolve(tr, state)
+            if filter_needs_primary:
+                return self._resolve(tr, state)
+            primary_ids[state.key.name] = state.primary_version_id
+            return state.key
+
+        def finish(tr: Transaction, key: CryptoKey) -> CryptoKey:
+            primary_id = primary_ids.get(key.name, 0)
+            if filter_needs_primary or not primary_id:
+                return key
+            return replace(key, primary=self._load_version(tr, key.name.version(primary_id)))
 
         return await self._list(
             parent=str(ring_name), page_size=page_size, page_token=page_token,
@@ -458,8 +477,14 @@ class KeyStore:
             primary_range=records.crypto_keys_range(ring_name),
             index_range=records.ctime_index_range(
                 "ck", (ring_name.project, ring_name.location, ring_name.key_ring)),
-            decode=decode, must_exist=lambda tr: self._load_key_ring(tr, ring_name),
+            decode=decode, finish=finish,
+            count=lambda tr: self._count_crypto_keys(tr, ring_name),
         )
+
+    def _count_crypto_keys(self, tr: Transaction, ring_name: KeyRingName) -> int:
+        self._load_key_ring(tr, ring_name)
+        key = records.crypto_key_count_key(ring_name)
+        return records.decode_count(key, tr.get(key))
 
     async def update_crypto_key(self, name: str, update: CryptoKeyUpdate) -> CryptoKey:
         key_name = parse_crypto_key(name, "crypto_key.name")
@@ -550,7 +575,8 @@ class KeyStore:
             parent=str(key_name), page_size=page_size, page_token=page_token,
             filter_text=filter_text, order_by=order_by, fields=fields, enums=enums,
             primary_range=(begin, end), index_range=None, decode=decode,
-            must_exist=lambda tr: self._load_key_state(tr, key_name),
+            # Versions are never deleted, so the count is the last id handed out.
+            count=lambda tr: self._load_key_state(tr, key_name).next_version_id - 1,
         )
 
     async def update_crypto_key_version(self, name: str, paths: Iterable[str],
@@ -901,7 +927,16 @@ class KeyStore:
                     enums: Mapping[str, frozenset[str]], primary_range: tuple[bytes, bytes],
                     index_range: tuple[bytes, bytes] | None,
                     decode: Callable[[Transaction, bytes, bytes], T],
-                    must_exist: Callable[[Transaction], object] | None = None) -> Page[T]:
+                    count: Callable[[Transaction], int],
+                    finish: Callable[[Transaction, T], T] | None = None) -> Page[T]:
+        """One page of a List call.
+
+        ``count`` checks that the parent exists and returns how many children
+        it has, without reading them (counters kept by the creating
+        transactions), so an unfiltered page costs O(page). A filtered List
+        must read the whole collection to report total_size. ``finish``
+        completes the items of the page (work not needed for filtering).
+        """
         limit = check_page_size(page_size)
         order = parse_order_by(order_by)
         flt = Filter(filter_text, fields, enums) if filter_text.strip() else None
@@ -912,17 +947,16 @@ class KeyStore:
         scan_range = index_range if use_index and index_range else primary_range
 
         def body(tr: Transaction) -> Page[T]:
-            if must_exist is not None:
-                must_exist(tr)
+            total = count(tr)
+            if flt is not None:
+                total = 0
+                for key, value in _scan(tr, scan_range, order, None):
+                    item = self._list_item(tr, key, value, use_index, decode)
+                    if item is not None and flt.matches(item):
+                        total += 1
             items: list[T] = []
             last_position: bytes | None = None
             more = False
-            total = 0
-            for key, value in _scan(tr, scan_range, order, None):
-                item = self._list_item(tr, key, value, use_index, decode)
-                if item is None or (flt is not None and not flt.matches(item)):
-                    continue
-                total += 1
             for key, value in _scan(tr, scan_range, order, position):
                 item = self._list_item(tr, key, value, use_index, decode)
                 if item is None or (flt is not None and not flt.matches(item)):
@@ -932,6 +966,8 @@ class KeyStore:
                     break
                 items.append(item)
                 last_position = key
+            if finish is not None:
+                items = [finish(tr, item) for item in items]
             token = ""
             if more and last_position is not None:
                 token = self._page_tokens.issue(parent=parent, filter_text=filter_text,
@@ -970,6 +1006,10 @@ def _scan(tr: Transaction, key_range: tuple[bytes, bytes], order: Order,
             end = chunk[-1][0]
         else:
             begin = chunk[-1][0] + b"\x00"
+
+
+def _increment(tr: Transaction, counter: bytes) -> None:
+    tr.set(counter, records.encode_count(records.decode_count(counter, tr.get(counter)) + 1))
 
 
 def _rotation_due(key: CryptoKey | None) -> datetime | None:

@@ -7,6 +7,8 @@ Keyspace (tuples packed with fdb.tuple; see valv.core.storage.keys):
     ("cv", project, location, ring, key, version:int)      CryptoKeyVersionRecord
     ("km", project, location, ring, key, version:int)      KeyMaterialRecord
     ("ix", "ctime", kind, *parent, create_us:int, id)     create-time order index
+    ("n", "kr", project, location)                        CountRecord: KeyRings there
+    ("n", "ck", project, location, ring)                  CountRecord: CryptoKeys there
     ("ix", "due", "rotate", due_us:int, p, l, ring, key)  CryptoKey due for rotation
     ("ix", "due", "destroy", due_us:int, p, l, ring, key, version:int)
                                                            version due for destruction
@@ -69,6 +71,14 @@ def ctime_index_key(kind: str, parent: tuple[str, ...], create_us: int, child: s
 
 def ctime_index_range(kind: str, parent: tuple[str, ...]) -> tuple[bytes, bytes]:
     return range_of("ix", "ctime", kind, *parent)
+
+
+def key_ring_count_key(parent: LocationName) -> bytes:
+    return pack("n", "kr", parent.project, parent.location)
+
+
+def crypto_key_count_key(parent: KeyRingName) -> bytes:
+    return pack("n", "ck", parent.project, parent.location, parent.key_ring)
 
 
 ROTATE = "rotate"
@@ -215,6 +225,16 @@ def decode_crypto_key(name: CryptoKeyName, key: bytes, value: bytes) -> CryptoKe
         import_only=record.import_only,
     )
     return CryptoKeyState(crypto_key, record.primary_version_id, record.next_version_id)
+
+
+def encode_count(count: int) -> bytes:
+    return bytes(pb.CountRecord(schema_version=SCHEMA_VERSION, count=count))
+
+
+def decode_count(key: bytes, value: bytes | None) -> int:
+    if value is None:
+        return 0
+    return int(_parse(pb.CountRecord, key, value).count)
 
 
 def encode_material(rmk_id: str, wrapped_key: bytes) -> bytes:

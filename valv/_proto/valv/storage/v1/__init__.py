@@ -4,6 +4,7 @@
 # This file has been @generated
 
 __all__ = (
+    "CountRecord",
     "CryptoKeyRecord",
     "CryptoKeyVersionRecord",
     "KeyMaterialRecord",
@@ -18,6 +19,22 @@ from ....message_pool import default_message_pool
 
 _COMPILER_VERSION = "0.10.1"
 betterproto2.check_compiler_version(_COMPILER_VERSION)
+
+
+@dataclass(eq=False, repr=False)
+class CountRecord(betterproto2.Message):
+    """
+    How many children a parent has (KeyRings in a location, CryptoKeys in a
+    KeyRing), kept in the same transaction as each create, so that an
+    unfiltered List can report total_size without reading the whole range.
+    """
+
+    schema_version: "int" = betterproto2.field(1, betterproto2.TYPE_UINT32)
+
+    count: "int" = betterproto2.field(2, betterproto2.TYPE_UINT64)
+
+
+default_message_pool.register_message("valv.storage.v1", "CountRecord", CountRecord)
 
 
 @dataclass(eq=False, repr=False)
