@@ -327,7 +327,9 @@ def test_decrypt_oversize_ciphertext(kms: Client, crypto_key: str) -> None:
     err = expect(gexc.InvalidArgument,
                  lambda: decrypt(kms, crypto_key, biggest + b"\x00"))
     assert "ciphertext" in str(err)
-    expect(gexc.InvalidArgument, lambda: decrypt(kms, crypto_key, b"x" * (1 << 20)))
+    expect(gexc.InvalidArgument, lambda: decrypt(kms, crypto_key, b"x" * (1 << 19)))
+    # Over the 1 MiB request limit the message is refused before it is read.
+    expect(gexc.ResourceExhausted, lambda: decrypt(kms, crypto_key, b"x" * (1 << 20)))
     expect(gexc.InvalidArgument,
            lambda: decrypt(kms, crypto_key, biggest, os.urandom(KiB64 + 1)))
 
