@@ -15,13 +15,12 @@ from urllib.parse import quote
 from grpclib._typing import IServable
 from grpclib.server import Server
 
+from valv.central.calls import Calls, server_codecs
 from valv.central.service import (
-    CallTracker,
     IamPolicyService,
     KeyManagementService,
     LocationsService,
     OperationsService,
-    server_codecs,
 )
 from valv.core.clock import Clock, FileClock, SystemClock
 from valv.core.crypto.rootkey import (
@@ -110,7 +109,8 @@ class CentralServer:
     def __init__(self, config: CentralConfig, *, clock: Clock | None = None) -> None:
         self.config = config
         self.clock: Clock = clock or SystemClock()
-        self.tracker = CallTracker()
+        self.calls = Calls()
+        self.tracker = self.calls.tracker
         self.keystore: KeyStore | None = None
         self._store: SealedStore | None = None
         self._root_keys: RootKeyring | None = None
@@ -132,10 +132,10 @@ class CentralServer:
                              use_cache_ttl=config.key_cache_ttl,
                              min_destroy_scheduled_duration=config.min_destroy_scheduled_duration))
         # grpclib captures the running loop when a Server is built: build here.
-        handlers: list[IServable] = [KeyManagementService(self.keystore, self.tracker),
-                    LocationsService(self.keystore, self.tracker),
-                    IamPolicyService(self.tracker),
-                    OperationsService(self.tracker)]
+        handlers: list[IServable] = [KeyManagementService(self.keystore, self.calls),
+                                     LocationsService(self.keystore, self.calls),
+                                     IamPolicyService(self.calls),
+                                     OperationsService(self.calls)]
         tcp = Server(handlers, **server_codecs())
         await tcp.start(config.host, config.port)
         self._servers.append(tcp)

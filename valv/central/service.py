@@ -2,19 +2,15 @@
 
 Thin adapters: each handler turns the request into core arguments, calls the
 KeyStore and turns the result into the response. Validation and semantics
-live in core; status mapping lives in valv.central.errors.
+live in core; what every call goes through (authentication, authorization,
+audit, status mapping) lives in valv.central.calls.
 """
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpclib.const
-from grpclib import GRPCError
-from grpclib.const import Status
-from grpclib.encoding.proto import ProtoCodec
 
 from valv._proto.google.cloud.kms import v1 as kms_v1
 from valv._proto.google.cloud.location import (
@@ -27,129 +23,20 @@ from valv._proto.google.cloud.location import (
 from valv._proto.google.iam.v1 import IamPolicyBase
 from valv._proto.google.longrunning import OperationsBase
 from valv.central import convert
-from valv.central.errors import to_grpc_error
+from valv.central.calls import Calls
 from valv.core.errors import InvalidArgument, Unimplemented
 from valv.core.keystore import CryptoKeyUpdate, KeyStore, NewCryptoKey, crc32c
 
 SOFTWARE = kms_v1.ProtectionLevel.SOFTWARE
 
 
-class CallTracker:
-    """Counts calls in flight, so shutdown can drain them before closing."""
-
-    def __init__(self) -> None:
-        self.in_flight = 0
-        self.draining = False
-        self._idle = asyncio.Event()
-        self._idle.set()
-
-    def enter(self) -> None:
-        self.in_flight += 1
-        self._idle.clear()
-
-    def leave(self) -> None:
-        self.in_flight -= 1
-        if self.in_flight == 0:
-            self._idle.set()
-
-    async def wait_idle(self) -> None:
-        await self._idle.wait()
-
-
-class RequestCodec(ProtoCodec):
-    """grpclib's protobuf codec, except that a request that does not parse (truncated,
-    invalid UTF-8 in a string field...) is the caller's error: INVALID_ARGUMENT, not
-    INTERNAL with a server-side traceback."""
-
-    def decode(self, data: bytes, message_type: Any) -> Any:
-        try:
-            return super().decode(data, message_type)
-        except Exception as exc:
-            raise GRPCError(
-                Status.INVALID_ARGUMENT,
-                f"the request is not a valid {getattr(message_type, '__name__', 'protobuf')} "
-                f"message ({type(exc).__name__})",
-            ) from None
-
-
-def server_codecs() -> dict[str, Any]:
-    """The ``codec``/``status_details_codec`` arguments for every grpclib Server.
-
-    Valv sends no rich error details yet, so no details codec (which would
-    pull in googleapis-common-protos at run time).
-    """
-    return {"codec": RequestCodec(), "status_details_codec": None}
-
-
-StreamHandler = Callable[[Any], Awaitable[None]]
-
-
-# The largest request message accepted. The biggest valid KMS request is an
-# Encrypt with 64 KiB of plaintext and 64 KiB of AAD; gRPC's own default is 4 MiB.
-MAX_REQUEST_BYTES = 1024 * 1024
-
-
-def _limit_request_size(stream: Any) -> None:
-    """Refuse a request message longer than MAX_REQUEST_BYTES before reading it.
-
-    grpclib reads a whole length-prefixed message into memory before decoding
-    it and has no size limit, so one huge request could exhaust memory. Its
-    reader asks the HTTP/2 stream for the 5-byte prefix and then for exactly
-    the announced length; we refuse that second read when it is too large.
-    (This reaches into grpclib's private stream object: covered by a test.)
-    """
-    protocol_stream = stream._stream
-    read = protocol_stream.recv_data
-
-    async def bounded_read(size: int) -> bytes:
-        if size > MAX_REQUEST_BYTES:
-            raise GRPCError(
-                Status.RESOURCE_EXHAUSTED,
-                f"the request message is {size} bytes; the limit is {MAX_REQUEST_BYTES} bytes",
-            )
-        data: bytes = await read(size)
-        return data
-
-    protocol_stream.recv_data = bounded_read
-
-
-def _guard(method: str, handler: StreamHandler, tracker: CallTracker) -> StreamHandler:
-    """Wrap a grpclib stream handler: count it, bound its request size, and map
-    every failure in one place."""
-
-    async def guarded(stream: Any) -> None:
-        if tracker.draining:
-            raise GRPCError(Status.UNAVAILABLE, "the server is shutting down; retry elsewhere")
-        _limit_request_size(stream)
-        tracker.enter()
-        try:
-            await handler(stream)
-        except Exception as exc:
-            raise to_grpc_error(exc, method) from None
-        finally:
-            tracker.leave()
-
-    return guarded
-
-
-def guarded_mapping(mapping: dict[str, grpclib.const.Handler],
-                    tracker: CallTracker) -> dict[str, grpclib.const.Handler]:
-    """A service mapping whose every handler goes through ``_guard``."""
-    return {
-        path: grpclib.const.Handler(_guard(path.rsplit("/", 1)[-1], handler.func, tracker),
-                                    handler.cardinality, handler.request_type,
-                                    handler.reply_type)
-        for path, handler in mapping.items()
-    }
-
-
 class KeyManagementService(kms_v1.KeyManagementServiceBase):
-    def __init__(self, keystore: KeyStore, tracker: CallTracker) -> None:
+    def __init__(self, keystore: KeyStore, calls: Calls) -> None:
         self._ks = keystore
-        self._tracker = tracker
+        self._calls = calls
 
     def __mapping__(self) -> dict[str, grpclib.const.Handler]:
-        return guarded_mapping(super().__mapping__(), self._tracker)
+        return self._calls.guard_mapping(super().__mapping__())
 
     # ---- key rings ---------------------------------------------------------
 
@@ -315,12 +202,12 @@ class KeyManagementService(kms_v1.KeyManagementServiceBase):
 class LocationsService(LocationsBase):
     """The google.cloud.location.Locations mixin over the configured locations."""
 
-    def __init__(self, keystore: KeyStore, tracker: CallTracker) -> None:
+    def __init__(self, keystore: KeyStore, calls: Calls) -> None:
         self._ks = keystore
-        self._tracker = tracker
+        self._calls = calls
 
     def __mapping__(self) -> dict[str, grpclib.const.Handler]:
-        return guarded_mapping(super().__mapping__(), self._tracker)
+        return self._calls.guard_mapping(super().__mapping__())
 
     @staticmethod
     def _location(name: Any) -> Location:
@@ -341,11 +228,11 @@ class IamPolicyService(IamPolicyBase):
     UNIMPLEMENTED message instead of grpclib's generic "method not found".
     """
 
-    def __init__(self, tracker: CallTracker) -> None:
-        self._tracker = tracker
+    def __init__(self, calls: Calls) -> None:
+        self._calls = calls
 
     def __mapping__(self) -> dict[str, grpclib.const.Handler]:
-        return guarded_mapping(super().__mapping__(), self._tracker)
+        return self._calls.guard_mapping(super().__mapping__())
 
 
 class OperationsService(OperationsBase):
@@ -355,8 +242,8 @@ class OperationsService(OperationsBase):
     UNIMPLEMENTED naming the method rather than grpclib's "Method not found".
     """
 
-    def __init__(self, tracker: CallTracker) -> None:
-        self._tracker = tracker
+    def __init__(self, calls: Calls) -> None:
+        self._calls = calls
 
     def __mapping__(self) -> dict[str, grpclib.const.Handler]:
-        return guarded_mapping(super().__mapping__(), self._tracker)
+        return self._calls.guard_mapping(super().__mapping__())

@@ -22,6 +22,7 @@ from typing import Any, Generic, TypeVar
 import google_crc32c
 
 from valv.core import records
+from valv.core.calls import CallContext, current_call
 from valv.core.clock import Clock, to_micros
 from valv.core.crypto import ciphertext as ciphertext_format
 from valv.core.crypto.errors import InvalidCiphertextError, KeyUnwrapError, UnknownRootKeyError
@@ -181,6 +182,10 @@ class KeyStore:
         with root_keys.page_token_key() as mac_key:
             # PageTokens keeps an immutable copy for the process's lifetime.
             self._page_tokens = PageTokens(bytes(mac_key))
+        # Called inside every change's transaction, after the change, with the
+        # call that made it (None for the scheduler): how audit records are
+        # written atomically with what they record.
+        self.change_hook: Callable[[Transaction, CallContext | None], None] | None = None
         self._use_cache = UseCache(self.settings.use_cache_ttl.total_seconds())
 
     # ---- locations ---------------------------------------------------------
@@ -219,7 +224,7 @@ class KeyStore:
                                            to_micros(ring.create_time), key_ring_id), key)
             return ring
 
-        return await self._store.run(body)
+        return await self._change(None, body)
 
     async def get_key_ring(self, name: str) -> KeyRing:
         ring_name = parse_key_ring(name)
@@ -280,7 +285,7 @@ class KeyStore:
                 crypto_key_id), key)
             return self._resolve(tr, state)
 
-        return await self._store.run(body)
+        return await self._change(name, body)
 
     def _validate_new_key(self, name: CryptoKeyName, spec: NewCryptoKey,
                           now: datetime) -> CryptoKey:
@@ -863,7 +868,8 @@ class KeyStore:
         if not self._use_cache.enabled:
             usable.kek.zeroize()
 
-    async def _change(self, key_name: CryptoKeyName, body: Callable[[Transaction], T]) -> T:
+    async def _change(self, key_name: CryptoKeyName | None,
+                      body: Callable[[Transaction], T]) -> T:
         """Run a transaction that changes ``key_name``, then drop its cached use state.
 
         The invalidation is tied to the transaction finishing, not to this
@@ -872,11 +878,21 @@ class KeyStore:
         not keep serving the old state after it does. It also runs after a
         failure, when the commit outcome may be unknown.
         """
+        hook, call = self.change_hook, current_call.get()
+        if hook is not None:
+            change = body
+
+            def body(tr: Transaction) -> T:
+                result = change(tr)
+                hook(tr, call)  # e.g. the audit record, in the change's own transaction
+                return result
+
         operation = asyncio.ensure_future(self._store.run(body))
-        cache_key = str(key_name)
+        cache_key = str(key_name) if key_name is not None else None
 
         def finished(done: asyncio.Future[T]) -> None:
-            self._use_cache.invalidate(cache_key)
+            if cache_key is not None:
+                self._use_cache.invalidate(cache_key)
             if not done.cancelled():
                 done.exception()  # retrieved: a cancelled caller can't, and asyncio would warn
 

@@ -1,0 +1,219 @@
+"""What every call goes through, in one place.
+
+For each RPC, the call guard:
+
+1. refuses new calls while the server drains, and bounds the request size;
+2. authenticates the caller (an ``Authenticator``) and sets the CallContext
+   (valv.core.calls.current_call) for the rest of the call;
+3. once the request message is read, authorizes it (an ``Authorizer``)
+   before any handler code runs;
+4. maps any failure to the status Cloud KMS would return
+   (valv.central.errors.to_grpc_error);
+5. reports the outcome to the ``Auditor``.
+
+The defaults are development mode: every caller is ``user:dev``, everything
+is allowed, and nothing is audited beyond the log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+import grpclib.const
+from grpclib import GRPCError
+from grpclib.const import Status
+from grpclib.encoding.proto import ProtoCodec
+
+from valv.central.errors import to_grpc_error
+from valv.core.calls import DEV_PRINCIPAL, CallContext, current_call
+
+
+class CallTracker:
+    """Counts calls in flight, so shutdown can drain them before closing."""
+
+    def __init__(self) -> None:
+        self.in_flight = 0
+        self.draining = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def enter(self) -> None:
+        self.in_flight += 1
+        self._idle.clear()
+
+    def leave(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self._idle.set()
+
+    async def wait_idle(self) -> None:
+        await self._idle.wait()
+
+
+class RequestCodec(ProtoCodec):
+    """grpclib's protobuf codec, except that a request that does not parse (truncated,
+    invalid UTF-8 in a string field...) is the caller's error: INVALID_ARGUMENT, not
+    INTERNAL with a server-side traceback."""
+
+    def decode(self, data: bytes, message_type: Any) -> Any:
+        try:
+            return super().decode(data, message_type)
+        except Exception as exc:
+            raise GRPCError(
+                Status.INVALID_ARGUMENT,
+                f"the request is not a valid {getattr(message_type, '__name__', 'protobuf')} "
+                f"message ({type(exc).__name__})",
+            ) from None
+
+
+# The largest request message accepted. The biggest valid KMS request is an
+# Encrypt with 64 KiB of plaintext and 64 KiB of AAD; gRPC's own default is 4 MiB.
+MAX_REQUEST_BYTES = 1024 * 1024
+
+
+def peer_address(stream: Any) -> str:
+    """The caller's address as text: "host:port", or "unix" for a unix socket."""
+    try:
+        addr = stream.peer.addr()
+    except Exception:  # a transport without an address
+        return "unknown"
+    if isinstance(addr, tuple) and len(addr) >= 2:
+        return f"{addr[0]}:{addr[1]}"
+    return "unix"
+
+
+class Authenticator(Protocol):
+    async def authenticate(self, rpc: str, stream: Any) -> CallContext:
+        """The caller's context, or raise valv.core.errors.Unauthenticated."""
+        ...
+
+
+class Authorizer(Protocol):
+    async def authorize(self, call: CallContext, request: Any) -> None:
+        """Raise valv.core.errors.PermissionDenied unless ``call`` may make ``request``."""
+        ...
+
+
+class Auditor(Protocol):
+    async def finished(self, call: CallContext | None, error: GRPCError | None) -> None:
+        """The call ended (``error`` is None on success): record what the audit log needs."""
+        ...
+
+
+class DevAuthenticator:
+    """Development mode: every caller is ``user:dev``."""
+
+    async def authenticate(self, rpc: str, stream: Any) -> CallContext:
+        return CallContext(rpc=rpc, principal=DEV_PRINCIPAL, peer=peer_address(stream),
+                           request_id=uuid.uuid4().hex)
+
+
+class AllowAll:
+    """Development mode: everything is allowed."""
+
+    async def authorize(self, call: CallContext, request: Any) -> None:
+        return None
+
+
+class NoAudit:
+    async def finished(self, call: CallContext | None, error: GRPCError | None) -> None:
+        return None
+
+
+StreamHandler = Callable[[Any], Awaitable[None]]
+
+
+class Calls:
+    """The call guard, shared by every service of one server."""
+
+    def __init__(self, authenticator: Authenticator | None = None,
+                 authorizer: Authorizer | None = None, auditor: Auditor | None = None) -> None:
+        self.tracker = CallTracker()
+        self.authenticator: Authenticator = authenticator or DevAuthenticator()
+        self.authorizer: Authorizer = authorizer or AllowAll()
+        self.auditor: Auditor = auditor or NoAudit()
+
+    def guard_mapping(self, mapping: dict[str, grpclib.const.Handler]
+                      ) -> dict[str, grpclib.const.Handler]:
+        """A service mapping whose every handler goes through the guard."""
+        return {
+            path: grpclib.const.Handler(self._guard(path.rsplit("/", 1)[-1], handler.func),
+                                        handler.cardinality, handler.request_type,
+                                        handler.reply_type)
+            for path, handler in mapping.items()
+        }
+
+    def _guard(self, rpc: str, handler: StreamHandler) -> StreamHandler:
+        tracker = self.tracker
+
+        async def guarded(stream: Any) -> None:
+            if tracker.draining:
+                raise GRPCError(Status.UNAVAILABLE,
+                                "the server is shutting down; retry elsewhere")
+            _limit_request_size(stream)
+            tracker.enter()
+            call: CallContext | None = None
+            try:
+                try:
+                    call = await self.authenticator.authenticate(rpc, stream)
+                    current_call.set(call)
+                    _authorize_on_receive(stream, call, self.authorizer)
+                    await handler(stream)
+                except Exception as exc:
+                    error = to_grpc_error(exc, rpc)
+                    await self.auditor.finished(call, error)
+                    raise error from None
+                await self.auditor.finished(call, None)
+            finally:
+                tracker.leave()
+
+        return guarded
+
+
+def _authorize_on_receive(stream: Any, call: CallContext, authorizer: Authorizer) -> None:
+    """Authorize the request as soon as it is read, before the handler sees it."""
+    receive = stream.recv_message
+
+    async def receive_authorized() -> Any:
+        request = await receive()
+        if request is not None:
+            await authorizer.authorize(call, request)
+        return request
+
+    stream.recv_message = receive_authorized
+
+
+def _limit_request_size(stream: Any) -> None:
+    """Refuse a request message longer than MAX_REQUEST_BYTES before reading it.
+
+    grpclib reads a whole length-prefixed message into memory before decoding
+    it and has no size limit, so one huge request could exhaust memory. Its
+    reader asks the HTTP/2 stream for the 5-byte prefix and then for exactly
+    the announced length; we refuse that second read when it is too large.
+    (This reaches into grpclib's private stream object: covered by a test.)
+    """
+    protocol_stream = stream._stream
+    read = protocol_stream.recv_data
+
+    async def bounded_read(size: int) -> bytes:
+        if size > MAX_REQUEST_BYTES:
+            raise GRPCError(
+                Status.RESOURCE_EXHAUSTED,
+                f"the request message is {size} bytes; the limit is {MAX_REQUEST_BYTES} bytes",
+            )
+        data: bytes = await read(size)
+        return data
+
+    protocol_stream.recv_data = bounded_read
+
+
+def server_codecs() -> dict[str, Any]:
+    """The ``codec``/``status_details_codec`` arguments for every grpclib Server.
+
+    Valv sends no rich error details yet, so no details codec (which would
+    pull in googleapis-common-protos at run time).
+    """
+    return {"codec": RequestCodec(), "status_details_codec": None}

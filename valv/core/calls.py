@@ -1,0 +1,46 @@
+"""Who is calling, and for what: the context every call carries through core.
+
+The network adapters (central, sidecar) authenticate a caller, build a
+CallContext and set it in ``current_call`` for the duration of the call.
+Core reads it where it needs it (the audit record of a change is written in
+the change's own transaction, see KeyStore._change) without every method
+growing a parameter. Nothing here knows about gRPC.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """An authenticated caller.
+
+    ``member`` is in IAM member syntax ("user:alice@example.com",
+    "serviceAccount:…", "group:…"); ``method`` says how it was established
+    ("dev", "token", "jwt", "mtls").
+    """
+
+    member: str
+    method: str
+
+
+DEV_PRINCIPAL = Principal("user:dev", "dev")
+
+
+@dataclass(slots=True)
+class CallContext:
+    rpc: str  # the method name, e.g. "Encrypt"
+    principal: Principal
+    peer: str  # the caller's address, e.g. "127.0.0.1:53122" or "unix"
+    request_id: str
+    # Filled in once the request is read: the resource acted on and a summary
+    # of the request that is safe to log (never plaintext, ciphertext or keys).
+    resource: str = ""
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+current_call: contextvars.ContextVar[CallContext | None] = contextvars.ContextVar(
+    "valv_current_call", default=None)
