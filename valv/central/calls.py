@@ -22,6 +22,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
+import betterproto2
 import grpclib.const
 from grpclib import GRPCError
 from grpclib.const import Status
@@ -173,6 +174,45 @@ class Calls:
         return guarded
 
 
+# Request fields that are never logged or audited: data and key material.
+_SECRET_FIELDS = frozenset({"plaintext", "ciphertext", "additional_authenticated_data",
+                            "data", "wrapped_key", "rsa_aes_wrapped_key", "digest"})
+# Where a request names the resource it acts on, in order of preference.
+_RESOURCE_FIELDS = ("name", "resource", "parent", "location")
+
+
+def describe_request(request: Any) -> tuple[str, dict[str, Any]]:
+    """The resource a request acts on, and a summary of it that is safe to log.
+
+    The summary keeps the request's fields (as ProtoJSON-ish values) except
+    data and key material, which are replaced by their length.
+    """
+    summary: dict[str, Any] = {}
+    resource = ""
+    try:
+        fields = request.to_dict(casing=betterproto2.Casing.SNAKE)
+    except Exception:  # a summary is best effort; the call itself goes on
+        return resource, summary
+    for field_name, value in fields.items():
+        if field_name in _SECRET_FIELDS:
+            raw = getattr(request, field_name, b"")
+            summary[f"{field_name}_bytes"] = len(raw) if isinstance(raw, bytes) else None
+        else:
+            summary[field_name] = value
+    for field_name in _RESOURCE_FIELDS:
+        value = getattr(request, field_name, "")
+        if isinstance(value, str) and value:
+            resource = value
+            break
+    else:
+        for nested in ("crypto_key", "crypto_key_version"):
+            inner = getattr(request, nested, None)
+            if inner is not None and getattr(inner, "name", ""):
+                resource = inner.name
+                break
+    return resource, summary
+
+
 def _authorize_on_receive(stream: Any, call: CallContext, authorizer: Authorizer) -> None:
     """Authorize the request as soon as it is read, before the handler sees it."""
     receive = stream.recv_message
@@ -180,6 +220,7 @@ def _authorize_on_receive(stream: Any, call: CallContext, authorizer: Authorizer
     async def receive_authorized() -> Any:
         request = await receive()
         if request is not None:
+            call.resource, call.summary = describe_request(request)
             await authorizer.authorize(call, request)
         return request
 
