@@ -206,9 +206,9 @@ def describe_request(request: Any) -> tuple[str, dict[str, Any]]:
             break
     else:
         for nested in ("crypto_key", "crypto_key_version"):
-            inner = getattr(request, nested, None)
-            if inner is not None and getattr(inner, "name", ""):
-                resource = inner.name
+            nested_name = getattr(getattr(request, nested, None), "name", None)
+            if isinstance(nested_name, str) and nested_name:
+                resource = nested_name
                 break
     return resource, summary
 
