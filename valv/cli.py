@@ -7,8 +7,12 @@ import asyncio
 import sys
 from datetime import timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from valv.settings import env_flag, parse_address, parse_duration
+
+if TYPE_CHECKING:
+    from valv.central.authn import AuthSettings
 
 
 def _add_store_flags(p: argparse.ArgumentParser) -> None:
@@ -73,10 +77,13 @@ def _add_central(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         "central", help="run the central KMS server",
         description="Run Valv central: the Cloud KMS v1 compatible gRPC server. Every flag "
                     "can also be set with the environment variable shown.")
-    env_flag(p, "--addr", "VALV_ADDR", default="0.0.0.0:50051",
-             help="TCP listen address HOST:PORT (port 0 picks a free port)")
+    env_flag(p, "--addr", "VALV_ADDR",
+             help="TCP listen address HOST:PORT (port 0 picks a free port); default "
+                  "127.0.0.1:50051 in dev mode (no authentication configured), 0.0.0.0:50051 "
+                  "with authentication")
     env_flag(p, "--unix-socket", "VALV_UNIX_SOCKET",
              help="also listen on this unix socket path (created mode 0600)")
+    _add_auth_flags(p)
     _add_store_flags(p)
     env_flag(p, "--locations", "VALV_LOCATIONS", default="global",
              help="comma-separated locations this server serves")
@@ -99,6 +106,51 @@ def _add_central(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     env_flag(p, "--ready-file", "VALV_READY_FILE",
              help="write {addr, unix_socket, pid} as JSON here once serving")
     p.set_defaults(func=_run_central)
+
+
+def _add_auth_flags(p: argparse.ArgumentParser) -> None:
+    env_flag(p, "--tokens-file", "VALV_TOKENS_FILE",
+             help="JSON file mapping principals to the SHA-256 hex of their bearer token, "
+                  "e.g. {\"user:alice\": \"<sha256>\"}")
+    env_flag(p, "--jwt-issuers-file", "VALV_JWT_ISSUERS_FILE",
+             help="JSON list of trusted JWT issuers (issuer, audiences, jwks_file or "
+                  "public_key_file, algorithms, principal); see docs/security.md")
+    env_flag(p, "--tls-cert-file", "VALV_TLS_CERT_FILE",
+             help="serve TLS on the TCP port with this PEM certificate (chain)")
+    env_flag(p, "--tls-key-file", "VALV_TLS_KEY_FILE",
+             help="the PEM private key of --tls-cert-file")
+    env_flag(p, "--tls-client-ca-file", "VALV_TLS_CLIENT_CA_FILE",
+             help="accept client certificates signed by this PEM CA; the principal comes from "
+                  "the certificate's SPIFFE URI or DNS SAN (needs --tls-cert-file)")
+    env_flag(p, "--insecure", "VALV_INSECURE", default=False, action="store_true",
+             help="allow dev mode (no authentication: every caller is user:dev with full "
+                  "rights) on a non-loopback address")
+
+
+def _env_bool(value: object, name: str) -> bool:
+    """A store_true flag whose default may come from its env var as text."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("", "0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"{name}={value!r} is not a boolean; use 1 or 0")
+
+
+def _auth_settings(args: argparse.Namespace) -> AuthSettings:
+    from valv.central.authn import AuthSettings
+
+    def path(value: str | None) -> Path | None:
+        return Path(value) if value else None
+
+    return AuthSettings(tokens_file=path(args.tokens_file),
+                        jwt_issuers_file=path(args.jwt_issuers_file),
+                        tls_cert_file=path(args.tls_cert_file),
+                        tls_key_file=path(args.tls_key_file),
+                        tls_client_ca_file=path(args.tls_client_ca_file),
+                        insecure=_env_bool(args.insecure, "VALV_INSECURE"))
 
 
 def _default_rotation(text: str) -> timedelta | None:
@@ -142,6 +194,7 @@ def _min_destroy(text: str) -> timedelta:
 
 def _run_central(args: argparse.Namespace) -> int:
     from valv.central.server import CentralConfig, run_central
+    from valv.core.authn import AuthConfigError
     from valv.core.crypto.errors import RootKeyConfigError
     from valv.core.errors import ValvError
     from valv.core.names import check_id
@@ -150,7 +203,8 @@ def _run_central(args: argparse.Namespace) -> int:
 
     try:
         setup_logging(args.log_level)
-        host, port = parse_address(args.addr)
+        auth = _auth_settings(args)
+        host, port = parse_address(args.addr or auth.default_address)
         locations = tuple(loc.strip() for loc in args.locations.split(",") if loc.strip())
         for loc in locations:
             check_id(loc, "location")
@@ -166,15 +220,16 @@ def _run_central(args: argparse.Namespace) -> int:
             scheduler_interval_s=_scheduler_interval(args.scheduler_interval),
             min_destroy_scheduled_duration=_min_destroy(args.min_destroy_duration),
             ready_file=Path(args.ready_file) if args.ready_file else None,
+            auth=auth,
         )
     except (argparse.ArgumentTypeError, ValueError, ValvError) as exc:
         print(f"valv central: error: {exc}", file=sys.stderr)
         return 2
     try:
         asyncio.run(run_central(config, clock_file=args.fake_clock_file or None))
-    except (RootKeyConfigError, StorageError, OSError) as exc:
+    except (RootKeyConfigError, StorageError, OSError, AuthConfigError) as exc:
         # A configuration problem found at startup (root key, storage, listen
-        # address): one clear line, not a traceback.
+        # address, authentication): one clear line, not a traceback.
         print(f"valv central: error: {exc}", file=sys.stderr)
         return 2
     return 0

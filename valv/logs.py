@@ -37,3 +37,7 @@ def setup_logging(level: str) -> None:
     root.setLevel(level.upper())
     # grpclib logs every client disconnect at INFO/ERROR; keep its noise down.
     logging.getLogger("grpclib").setLevel(max(logging.WARNING, root.level))
+    # h2 and hpack log every header they encode or decode at DEBUG, bearer
+    # tokens ('authorization') included: never let them below WARNING.
+    for name in ("h2", "hpack"):
+        logging.getLogger(name).setLevel(max(logging.WARNING, root.level))

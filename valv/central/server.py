@@ -15,6 +15,7 @@ from urllib.parse import quote
 from grpclib._typing import IServable
 from grpclib.server import Server
 
+from valv.central.authn import AuthSettings, setup_authentication
 from valv.central.calls import Calls, server_codecs
 from valv.central.service import (
     IamPolicyService,
@@ -47,7 +48,9 @@ def default_data_dir() -> Path:
 
 @dataclass(frozen=True, slots=True)
 class CentralConfig:
-    host: str = "0.0.0.0"  # noqa: S104 - the documented default listen address
+    # Loopback: the safe default in dev mode. The CLI picks 0.0.0.0 when
+    # authentication is configured (AuthSettings.default_address).
+    host: str = "127.0.0.1"
     port: int = 50051
     unix_socket: Path | None = None
     data_dir: Path = field(default_factory=default_data_dir)
@@ -64,6 +67,8 @@ class CentralConfig:
     # Written (JSON, atomically) once the server accepts calls: for supervisors and tests.
     ready_file: Path | None = None
     drain_timeout_s: float = 10.0
+    # Caller authentication and TLS; the default is dev mode (everyone is user:dev).
+    auth: AuthSettings = field(default_factory=AuthSettings)
 
     @property
     def effective_store_url(self) -> str:
@@ -109,7 +114,10 @@ class CentralServer:
     def __init__(self, config: CentralConfig, *, clock: Clock | None = None) -> None:
         self.config = config
         self.clock: Clock = clock or SystemClock()
-        self.calls = Calls()
+        # Reads and checks the auth files, and refuses dev mode on a
+        # non-loopback address without --insecure (AuthConfigError).
+        self.authentication = setup_authentication(config.auth, config.host)
+        self.calls = Calls(authenticator=self.authentication.authenticator)
         self.tracker = self.calls.tracker
         self.keystore: KeyStore | None = None
         self._store: SealedStore | None = None
@@ -137,7 +145,7 @@ class CentralServer:
                                      IamPolicyService(self.calls),
                                      OperationsService(self.calls)]
         tcp = Server(handlers, **server_codecs())
-        await tcp.start(config.host, config.port)
+        await tcp.start(config.host, config.port, ssl=self.authentication.ssl_context)
         self._servers.append(tcp)
         self.tcp_address = (config.host, bound_port(tcp))
         if config.unix_socket is not None:
@@ -146,6 +154,8 @@ class CentralServer:
             self._servers.append(unix)
         log.info("valv central serving", extra={"fields": {
             "addr": f"{self.tcp_address[0]}:{self.tcp_address[1]}",
+            "tls": self.authentication.ssl_context is not None,
+            "auth": self.authentication.mode,
             "unix_socket": str(config.unix_socket) if config.unix_socket else None,
             "store": raw_store.url, "locations": list(config.locations),
             "rmk_ids": list(self._root_keys.ids)}})
