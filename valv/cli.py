@@ -13,6 +13,7 @@ from valv.settings import env_flag, parse_address, parse_duration
 
 if TYPE_CHECKING:
     from valv.central.authn import AuthSettings
+    from valv.central.server import CentralConfig
 
 
 def _add_store_flags(p: argparse.ArgumentParser) -> None:
@@ -33,6 +34,14 @@ def _master_key_files(args: argparse.Namespace) -> tuple[Path, ...]:
     return tuple(Path(p.strip()) for p in (args.master_key_file or "").split(",") if p.strip())
 
 
+def _store_config(args: argparse.Namespace) -> CentralConfig:
+    """The store and root keys named by _add_store_flags (for fsck, audit...)."""
+    from valv.central.server import CentralConfig
+
+    return CentralConfig(data_dir=Path(args.data_dir), store_url=args.store or None,
+                         master_key_files=_master_key_files(args))
+
+
 def _add_fsck(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "fsck", help="check a store's consistency",
@@ -46,13 +55,12 @@ def _add_fsck(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def _run_fsck(args: argparse.Namespace) -> int:
     import json
 
-    from valv.central.server import CentralConfig, open_sealed_store
+    from valv.central.server import open_sealed_store
     from valv.core import fsck
     from valv.core.crypto.errors import RootKeyConfigError
     from valv.core.storage.base import StorageError
 
-    config = CentralConfig(data_dir=Path(args.data_dir), store_url=args.store or None,
-                           master_key_files=_master_key_files(args))
+    config = _store_config(args)
 
     async def run() -> list[fsck.Problem]:
         store = await open_sealed_store(config, create_dev_key=False)
@@ -99,6 +107,12 @@ def _add_central(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     env_flag(p, "--min-destroy-duration", "VALV_MIN_DESTROY_DURATION", default="86400",
              help="the shortest destroy_scheduled_duration a CryptoKey may have, in seconds "
                   "(Cloud KMS: 1 day)")
+    env_flag(p, "--audit-data-access", "VALV_AUDIT_DATA_ACCESS", default="aggregate",
+             help="audit of Encrypt/Decrypt/GenerateRandomBytes: 'off', 'aggregate' (counts "
+                  "per principal x key version x minute, written in batches) or 'full' (one "
+                  "record per call, a storage transaction each); see the README")
+    env_flag(p, "--audit-flush-interval", "VALV_AUDIT_FLUSH_INTERVAL", default="10",
+             help="seconds between writes of aggregated data-access counts (and at shutdown)")
     env_flag(p, "--fake-clock-file", "VALV_FAKE_CLOCK_FILE",
              help="TESTS ONLY: read the current time (ISO 8601) from this file")
     env_flag(p, "--log-level", "VALV_LOG_LEVEL", default="info",
@@ -192,8 +206,17 @@ def _min_destroy(text: str) -> timedelta:
     return duration
 
 
+def _audit_flush_interval(text: str) -> float:
+    interval = parse_duration(text)
+    if interval is None or interval.total_seconds() <= 0:
+        raise argparse.ArgumentTypeError(
+            f"--audit-flush-interval {text!r} must be a positive number of seconds")
+    return interval.total_seconds()
+
+
 def _run_central(args: argparse.Namespace) -> int:
     from valv.central.server import CentralConfig, run_central
+    from valv.core.audit import DataAccessMode
     from valv.core.authn import AuthConfigError
     from valv.core.crypto.errors import RootKeyConfigError
     from valv.core.errors import ValvError
@@ -220,6 +243,8 @@ def _run_central(args: argparse.Namespace) -> int:
             scheduler_interval_s=_scheduler_interval(args.scheduler_interval),
             min_destroy_scheduled_duration=_min_destroy(args.min_destroy_duration),
             ready_file=Path(args.ready_file) if args.ready_file else None,
+            audit_data_access=DataAccessMode.parse(args.audit_data_access),
+            audit_flush_interval_s=_audit_flush_interval(args.audit_flush_interval),
             auth=auth,
         )
     except (argparse.ArgumentTypeError, ValueError, ValvError) as exc:
@@ -241,8 +266,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_central(sub)
     _add_fsck(sub)
-    from valv import bench
+    from valv import auditcli, bench
 
+    auditcli.add_parser(sub)
     bench.add_parser(sub)
     args = parser.parse_args(argv)
     try:

@@ -29,7 +29,12 @@ from grpclib.const import Status
 from grpclib.encoding.proto import ProtoCodec
 
 from valv.central.errors import to_grpc_error
-from valv.core.calls import DEV_PRINCIPAL, CallContext, current_call
+from valv.core.calls import (
+    DEV_PRINCIPAL,
+    UNAUTHENTICATED_PRINCIPAL,
+    CallContext,
+    current_call,
+)
 
 
 class CallTracker:
@@ -165,6 +170,10 @@ class Calls:
                     await handler(stream)
                 except Exception as exc:
                     error = to_grpc_error(exc, rpc)
+                    if call is None:  # authentication failed: the refusal is audited too
+                        call = CallContext(rpc=rpc, principal=UNAUTHENTICATED_PRINCIPAL,
+                                           peer=peer_address(stream),
+                                           request_id=uuid.uuid4().hex)
                     await self.auditor.finished(call, error)
                     raise error from None
                 await self.auditor.finished(call, None)

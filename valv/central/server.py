@@ -15,6 +15,7 @@ from urllib.parse import quote
 from grpclib._typing import IServable
 from grpclib.server import Server
 
+from valv.central.audit import CentralAuditor
 from valv.central.authn import AuthSettings, setup_authentication
 from valv.central.calls import Calls, server_codecs
 from valv.central.service import (
@@ -23,6 +24,7 @@ from valv.central.service import (
     LocationsService,
     OperationsService,
 )
+from valv.core.audit import DEFAULT_FLUSH_INTERVAL_S, AuditLog, DataAccessMode
 from valv.core.clock import Clock, FileClock, SystemClock
 from valv.core.crypto.rootkey import (
     RootKey,
@@ -67,6 +69,10 @@ class CentralConfig:
     # Written (JSON, atomically) once the server accepts calls: for supervisors and tests.
     ready_file: Path | None = None
     drain_timeout_s: float = 10.0
+    # Audit of Encrypt/Decrypt/GenerateRandomBytes (README, "Audit"), and how
+    # often aggregated counts are written.
+    audit_data_access: DataAccessMode = DataAccessMode.AGGREGATE
+    audit_flush_interval_s: float = DEFAULT_FLUSH_INTERVAL_S
     # Caller authentication and TLS; the default is dev mode (everyone is user:dev).
     auth: AuthSettings = field(default_factory=AuthSettings)
 
@@ -126,6 +132,9 @@ class CentralServer:
         self.tcp_address: tuple[str, int] | None = None
         self._scheduler_stop = asyncio.Event()
         self._scheduler_task: asyncio.Task[None] | None = None
+        self.auditor: CentralAuditor | None = None
+        self._audit_stop = asyncio.Event()
+        self._audit_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         config = self.config
@@ -139,6 +148,12 @@ class CentralServer:
                              default_rotation_period=config.default_rotation_period,
                              use_cache_ttl=config.key_cache_ttl,
                              min_destroy_scheduled_duration=config.min_destroy_scheduled_duration))
+        # Every change appends its audit record in its own transaction; calls
+        # report denials, failures and data access when they end.
+        self.auditor = CentralAuditor(AuditLog(self._store, self.clock), self.clock,
+                                      data_access=config.audit_data_access)
+        self.keystore.change_hook = self.auditor.change_hook
+        self.calls.auditor = self.auditor
         # grpclib captures the running loop when a Server is built: build here.
         handlers: list[IServable] = [KeyManagementService(self.keystore, self.calls),
                                      LocationsService(self.keystore, self.calls),
@@ -162,6 +177,9 @@ class CentralServer:
         if config.scheduler_interval_s is not None:
             scheduler = Scheduler(self.keystore, interval_s=config.scheduler_interval_s)
             self._scheduler_task = asyncio.create_task(scheduler.run(self._scheduler_stop))
+        if config.audit_data_access is DataAccessMode.AGGREGATE:
+            self._audit_task = asyncio.create_task(self.auditor.aggregator.run(
+                self._audit_stop, config.audit_flush_interval_s))
         if config.ready_file is not None:
             self._write_ready_file(config.ready_file)
 
@@ -198,6 +216,11 @@ class CentralServer:
             self._scheduler_stop.set()
             await self._scheduler_task
             self._scheduler_task = None
+        if self._audit_task is not None:
+            # Writes the data-access counts still in memory, then stops.
+            self._audit_stop.set()
+            await self._audit_task
+            self._audit_task = None
         self._servers.clear()
         if self._store is not None:
             await self._store.close()

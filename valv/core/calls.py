@@ -28,6 +28,8 @@ class Principal:
 
 
 DEV_PRINCIPAL = Principal("user:dev", "dev")
+# A caller whose authentication failed (for the audit record of the refusal).
+UNAUTHENTICATED_PRINCIPAL = Principal("", "none")
 
 
 @dataclass(slots=True)
@@ -40,6 +42,9 @@ class CallContext:
     # of the request that is safe to log (never plaintext, ciphertext or keys).
     resource: str = ""
     summary: dict[str, Any] = field(default_factory=dict)
+    # The CryptoKeyVersion an Encrypt/Decrypt actually used (set by the
+    # keystore), for the data-access audit log.
+    used_version: str = ""
 
 
 current_call: contextvars.ContextVar[CallContext | None] = contextvars.ContextVar(

@@ -17,7 +17,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import google_crc32c
 
@@ -80,6 +80,15 @@ _SCAN_CHUNK = 256
 _LABEL_KEY = re.compile(r"[\w-]{1,63}")
 _LABEL_VALUE = re.compile(r"[\w-]{0,63}")
 MAX_LABELS = 64
+
+
+class ChangeHook(Protocol):
+    """Called inside a change's transaction, after the change: ``call`` made it (None:
+    the scheduler or other server work), ``outcome`` is what the change returned (e.g.
+    a DueOutcome). Raising aborts the change."""
+
+    def __call__(self, tr: Transaction, call: CallContext | None,
+                 outcome: object = None) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,7 +194,7 @@ class KeyStore:
         # Called inside every change's transaction, after the change, with the
         # call that made it (None for the scheduler): how audit records are
         # written atomically with what they record.
-        self.change_hook: Callable[[Transaction, CallContext | None], None] | None = None
+        self.change_hook: ChangeHook | None = None
         self._use_cache = UseCache(self.settings.use_cache_ttl.total_seconds())
 
     # ---- locations ---------------------------------------------------------
@@ -777,6 +786,7 @@ class KeyStore:
             usable = await self._usable_version(target.parent, target.version,
                                                 purpose="encrypt")
         version = usable.version
+        _note_used_version(version.name)
         try:
             ciphertext = self._codec.encrypt(
                 usable.kek, key_name=str(version.name.parent), version_id=version.name.version,
@@ -803,6 +813,7 @@ class KeyStore:
         except InvalidCiphertextError:
             raise _decryption_failed(key_name) from None
         usable = await self._usable_version(key_name, version_id, purpose="decrypt")
+        _note_used_version(usable.version.name)
         try:
             plaintext = self._codec.decrypt(
                 usable.kek, key_name=str(key_name), version_id=version_id,
@@ -884,7 +895,7 @@ class KeyStore:
 
             def body(tr: Transaction) -> T:
                 result = change(tr)
-                hook(tr, call)  # e.g. the audit record, in the change's own transaction
+                hook(tr, call, result)  # e.g. the audit record, in the change's own transaction
                 return result
 
         operation = asyncio.ensure_future(self._store.run(body))
@@ -1022,6 +1033,13 @@ def _scan(tr: Transaction, key_range: tuple[bytes, bytes], order: Order,
             end = chunk[-1][0]
         else:
             begin = chunk[-1][0] + b"\x00"
+
+
+def _note_used_version(name: CryptoKeyVersionName) -> None:
+    """Tell the call (for its data-access audit record) which version it used."""
+    call = current_call.get()
+    if call is not None:
+        call.used_version = str(name)
 
 
 def _increment(tr: Transaction, counter: bytes) -> None:

@@ -17,6 +17,8 @@ key                                                          value
 ("cv", project, location, ring, key, version:int)            CryptoKeyVersionRecord (metadata)
 ("km", project, location, ring, key, version:int)            KeyMaterialRecord (wrapped KEK)
 ("ix", index name, ...)                                      secondary indexes
+("audit", seq:int)                                           AuditRecord (valv.core.audit)
+("audit-head",)                                              AuditHead: the audit chain's end
 ("meta", ...)                                                store metadata
 ===========================================================  ==================================
 

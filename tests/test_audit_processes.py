@@ -1,0 +1,377 @@
+"""The audit log through real central processes, Google's client and the `valv audit` tools.
+
+Tampering is done the way an attacker with storage access would: raw SQLite
+edits of ``<data_dir>/valv.db`` (table kv(k, v), keys fdb.tuple-packed).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import random
+import shutil
+import sqlite3
+import subprocess
+import sys
+import threading
+from contextlib import closing
+from pathlib import Path
+from typing import Any
+
+import fdb.tuple
+import pytest
+from google.api_core import exceptions as gexc
+from google.cloud import kms_v1
+
+from tests.helpers import CALL, CentralProcess, wait_for
+
+ENCRYPT_DECRYPT = kms_v1.CryptoKey.CryptoKeyPurpose.ENCRYPT_DECRYPT
+# No periodic flush during a test: counts are written at shutdown.
+NO_FLUSH = ("--audit-flush-interval", "3600")
+
+
+def valv_audit(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    command, *rest = args
+    return subprocess.run(
+        [sys.executable, "-m", "valv", "audit", command, "--data-dir", str(data_dir), *rest],
+        capture_output=True, text=True, timeout=60)
+
+
+def records(data_dir: Path, *filters: str) -> list[dict[str, Any]]:
+    result = valv_audit(data_dir, "query", *filters)
+    assert result.returncode == 0, result.stderr
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+def status_of(call: Any) -> str:
+    try:
+        call()
+    except gexc.GoogleAPICallError as exc:
+        return str(exc.grpc_status_code.name)  # type: ignore[union-attr]
+    return "OK"
+
+
+def test_random_operations_through_googles_client_are_recorded_in_order(
+        tmp_path: Path) -> None:
+    central = CentralProcess(tmp_path / "c", *NO_FLUSH).start()
+    rng = random.Random(7)
+    location = "projects/audit/locations/global"
+    ring = f"{location}/keyRings/r"
+    expected: list[tuple[str, str, str, str]] = []
+    try:
+        kms = central.client()
+
+        def change(rpc: str, resource: str, call: Any) -> str:
+            status = status_of(call)
+            expected.append(("user:dev", rpc, resource, status))
+            return status
+
+        change("CreateKeyRing", location, lambda: kms.create_key_ring(
+            request={"parent": location, "key_ring_id": "r", "key_ring": {}}, **CALL))
+        keys: dict[str, int] = {}
+        for _ in range(40):
+            choice = rng.randrange(8)
+            if choice == 0 or not keys:
+                key_id = f"k{rng.randrange(3)}"
+                if change("CreateCryptoKey", ring, lambda k=key_id: kms.create_crypto_key(
+                        request={"parent": ring, "crypto_key_id": k,
+                                 "crypto_key": {"purpose": ENCRYPT_DECRYPT}}, **CALL)) == "OK":
+                    keys[f"{ring}/cryptoKeys/{key_id}"] = 1
+                continue
+            key = rng.choice(sorted(keys))
+            version = f"{key}/cryptoKeyVersions/{rng.randint(1, keys[key])}"
+            if choice == 1:
+                if change("CreateCryptoKeyVersion", key,
+                          lambda k=key: kms.create_crypto_key_version(
+                              request={"parent": k, "crypto_key_version": {}},
+                              **CALL)) == "OK":
+                    keys[key] += 1
+            elif choice == 2:
+                change("DestroyCryptoKeyVersion", version,
+                       lambda v=version: kms.destroy_crypto_key_version(
+                           request={"name": v}, **CALL))
+            elif choice == 3:
+                change("RestoreCryptoKeyVersion", version,
+                       lambda v=version: kms.restore_crypto_key_version(
+                           request={"name": v}, **CALL))
+            elif choice == 4:
+                state = rng.choice(["ENABLED", "DISABLED"])
+                change("UpdateCryptoKeyVersion", version,
+                       lambda v=version, s=state: kms.update_crypto_key_version(
+                           request={"crypto_key_version": {"name": v, "state": s},
+                                    "update_mask": {"paths": ["state"]}}, **CALL))
+            elif choice == 5:
+                change("UpdateCryptoKeyPrimaryVersion", key,
+                       lambda k=key, v=version: kms.update_crypto_key_primary_version(
+                           request={"name": k, "crypto_key_version_id": v.rsplit("/", 1)[1]},
+                           **CALL))
+            elif choice == 6:  # data access and reads: no admin record
+                status_of(lambda k=key: kms.encrypt(
+                    request={"name": k, "plaintext": b"dek"}, **CALL))
+                status_of(lambda k=key: kms.get_crypto_key(request={"name": k}, **CALL))
+            else:
+                change("UpdateCryptoKey", key, lambda k=key: kms.update_crypto_key(
+                    request={"crypto_key": {"name": k, "labels": {"n": str(rng.randrange(9))}},
+                             "update_mask": {"paths": ["labels"]}}, **CALL))
+        # A failed state change is recorded with its status.
+        destroyed = f"{sorted(keys)[0]}/cryptoKeyVersions/1"
+        for _ in range(2):
+            change("DestroyCryptoKeyVersion", destroyed,
+                   lambda: kms.destroy_crypto_key_version(request={"name": destroyed}, **CALL))
+        assert expected[-1][3] == "FAILED_PRECONDITION"
+
+        got = records(central.data_dir)  # while central serves
+        assert [(r["principal"], r["rpc"], r["resource"], r["status"]) for r in got] == expected
+        assert all(r["kind"] == "ADMIN_ACTIVITY" and r["auth_method"] == "dev"
+                   and r["peer"].startswith("127.0.0.1:") and len(r["request_id"]) == 32
+                   for r in got)
+        assert [r["seq"] for r in got] == list(range(1, len(expected) + 1))
+        failed = records(central.data_dir, "--result", "FAILED_PRECONDITION")
+        assert failed and all(r["status"] == "FAILED_PRECONDITION" and r["message"]
+                              for r in failed)
+        assert records(central.data_dir, "--result", "DENIED") == []
+        assert records(central.data_dir, "--principal", "user:nobody") == []
+        assert len(records(central.data_dir, "--resource", ring)) == len(expected)
+        assert records(central.data_dir, "--until", "2000-01-01T00:00:00Z") == []
+        assert len(records(central.data_dir, "--since", "1h")) == len(expected)
+        verify = valv_audit(central.data_dir, "verify")
+        assert verify.returncode == 0, verify.stdout + verify.stderr
+        assert f"audit log intact: {len(expected)} records verified" in verify.stdout
+    finally:
+        central.stop()
+
+
+def _tokens_supported() -> bool:
+    help_text = subprocess.run([sys.executable, "-m", "valv", "central", "--help"],
+                               capture_output=True, text=True, timeout=60).stdout
+    return "--tokens-file" in help_text
+
+
+def test_unauthenticated_calls_are_recorded(tmp_path: Path) -> None:
+    if not _tokens_supported():
+        pytest.skip("authentication (--tokens-file) has not landed")
+    token = "alice-token-" + "x" * 20
+    tokens = tmp_path / "tokens.json"
+    tokens.write_text(json.dumps({"user:alice@example.com": hashlib.sha256(
+        token.encode()).hexdigest()}))
+    central = CentralProcess(tmp_path / "c", "--tokens-file", str(tokens), *NO_FLUSH).start()
+    try:
+        kms = central.client()
+        location = "projects/p/locations/global"
+        for _ in range(2):
+            assert status_of(lambda: kms.create_key_ring(
+                request={"parent": location, "key_ring_id": "r", "key_ring": {}},
+                **CALL)) == "UNAUTHENTICATED"
+        assert status_of(lambda: kms.encrypt(
+            request={"name": f"{location}/keyRings/r/cryptoKeys/k", "plaintext": b"x"},
+            metadata=[("authorization", "Bearer wrong-token")], **CALL)) == "UNAUTHENTICATED"
+        status = status_of(lambda: kms.create_key_ring(
+            request={"parent": location, "key_ring_id": "r", "key_ring": {}},
+            metadata=[("authorization", f"Bearer {token}")], **CALL))
+        got = records(central.data_dir)
+        assert [(r["kind"], r["principal"], r["auth_method"], r["rpc"], r["status"])
+                for r in got[:3]] == [
+            ("DENIED", "", "none", "CreateKeyRing", "UNAUTHENTICATED"),
+            ("DENIED", "", "none", "CreateKeyRing", "UNAUTHENTICATED"),
+            ("DENIED", "", "none", "Encrypt", "UNAUTHENTICATED"),
+        ]
+        assert all(r["peer"].startswith("127.0.0.1:") and r["message"] for r in got[:3])
+        assert token not in json.dumps(got) and "wrong-token" not in json.dumps(got)
+        # Allowed (a change) or denied (no role yet): recorded either way, as alice.
+        (alice,) = got[3:]
+        assert (alice["principal"], alice["auth_method"], alice["rpc"], alice["status"]) == (
+            "user:alice@example.com", "token", "CreateKeyRing", status)
+        assert len(records(central.data_dir, "--result", "DENIED")) == 3 + (status != "OK")
+    finally:
+        central.stop()
+
+
+def _key(kms: kms_v1.KeyManagementServiceClient, project: str) -> str:
+    ring = kms.create_key_ring(request={"parent": f"projects/{project}/locations/global",
+                                        "key_ring_id": "r", "key_ring": {}}, **CALL)
+    return kms.create_crypto_key(request={"parent": ring.name, "crypto_key_id": "k",
+                                          "crypto_key": {"purpose": ENCRYPT_DECRYPT}},
+                                 **CALL).name
+
+
+@pytest.mark.parametrize("mode", ["aggregate", "full", "off"])
+def test_data_access_modes(tmp_path: Path, mode: str) -> None:
+    k = 25
+    plaintext = b"TOP-SECRET-PLAINTEXT-" + mode.encode()
+    central = CentralProcess(tmp_path / "c", "--audit-data-access", mode, *NO_FLUSH).start()
+    try:
+        kms = central.client()
+        key = _key(kms, "data")
+        ciphertexts = [kms.encrypt(request={"name": key, "plaintext": plaintext}, **CALL)
+                       .ciphertext for _ in range(k)]
+        kms.decrypt(request={"name": key, "ciphertext": ciphertexts[0]}, **CALL)
+        kms.generate_random_bytes(request={"location": "projects/data/locations/global",
+                                           "length_bytes": 32, "protection_level": "HSM"},
+                                  **CALL)
+        if mode == "aggregate":  # nothing written yet: counts wait for a flush
+            assert len(records(central.data_dir)) == 2
+    finally:
+        assert central.stop() == 0  # SIGTERM: the final flush
+    got = records(central.data_dir)
+    data = [r for r in got if r["rpc"] in ("Encrypt", "Decrypt", "GenerateRandomBytes")]
+    version = f"{key}/cryptoKeyVersions/1"
+    if mode == "off":
+        assert data == []
+    elif mode == "full":
+        assert [(r["kind"], r["rpc"], r["target"]) for r in data[:k + 1]] == (
+            [("DATA_ACCESS", "Encrypt", version)] * k + [("DATA_ACCESS", "Decrypt", version)])
+        assert data[0]["request"] == {"name": key, "plaintext_bytes": len(plaintext)}
+        assert data[-1]["rpc"] == "GenerateRandomBytes" and len(data) == k + 2
+    else:
+        # One record per principal x version x minute (two if the calls straddled
+        # a minute boundary), with the count.
+        assert all(r["kind"] == "DATA_ACCESS_AGGREGATE" and r["principal"] == "user:dev"
+                   for r in data)
+        counts: dict[tuple[str, str], int] = {}
+        for r in data:
+            counts[(r["rpc"], r.get("target", ""))] = (
+                counts.get((r["rpc"], r.get("target", "")), 0) + r["count"])
+        assert counts == {("Encrypt", version): k, ("Decrypt", version): 1,
+                          ("GenerateRandomBytes", ""): 1}
+        assert len(data) <= 6
+    # Nothing in any record, or in the database, is data or key material.
+    dump = valv_audit(central.data_dir, "tail", "-n", "1000").stdout
+    db = (central.data_dir / "valv.db").read_bytes()
+    for secret in [plaintext, *ciphertexts[:3]]:
+        for form in (secret, base64.b64encode(secret), secret.hex().encode()):
+            assert form.decode("latin-1") not in dump
+            assert form not in db
+    assert valv_audit(central.data_dir, "verify").returncode == 0
+
+
+def _edit(db: Path, sql: str, *params: Any) -> None:
+    with closing(sqlite3.connect(db)) as conn, conn:
+        assert conn.execute(sql, params).rowcount == 1
+
+
+def _value(db: Path, key: bytes) -> bytes:
+    with closing(sqlite3.connect(db)) as conn:
+        row = conn.execute("SELECT v FROM kv WHERE k = ?", (key,)).fetchone()
+    assert row is not None
+    return bytes(row[0])
+
+
+def rec(seq: int) -> bytes:
+    return bytes(fdb.tuple.pack(("audit", seq)))
+
+
+HEAD = bytes(fdb.tuple.pack(("audit-head",)))
+
+
+def _delete(db: Path, seq: int) -> None:
+    _edit(db, "DELETE FROM kv WHERE k = ?", rec(seq))
+
+
+def _swap(db: Path, a: int, b: int) -> None:
+    va, vb = _value(db, rec(a)), _value(db, rec(b))
+    _edit(db, "UPDATE kv SET v = ? WHERE k = ?", vb, rec(a))
+    _edit(db, "UPDATE kv SET v = ? WHERE k = ?", va, rec(b))
+
+
+def _flip(db: Path, seq: int) -> None:
+    value = bytearray(_value(db, rec(seq)))
+    value[len(value) // 2] ^= 0x01
+    _edit(db, "UPDATE kv SET v = ? WHERE k = ?", bytes(value), rec(seq))
+
+
+TAMPERING = {
+    "a record deleted": (lambda db: _delete(db, 3), "PROBLEM: record 3 is missing"),
+    "two records swapped": (lambda db: _swap(db, 2, 4), "PROBLEM: record 2: failed "
+                                                         "authentication"),
+    "a byte edited": (lambda db: _flip(db, 5), "PROBLEM: record 5: failed authentication"),
+    "the tail truncated": (lambda db: _delete(db, 8), "PROBLEM: the tail was truncated: the "
+                                                      "head names record 8 but the log ends "
+                                                      "at 7"),
+    "the tail and head deleted": (
+        lambda db: (_delete(db, 8), _edit(db, "DELETE FROM kv WHERE k = ?", HEAD)),
+        "PROBLEM: the head is missing"),
+    "an old record copied over a newer one": (
+        lambda db: _edit(db, "UPDATE kv SET v = ? WHERE k = ?", _value(db, rec(1)), rec(6)),
+        "PROBLEM: record 6: failed authentication"),
+}
+
+
+def test_verify_detects_tampering_in_the_sqlite_file(tmp_path: Path) -> None:
+    central = CentralProcess(tmp_path / "c", *NO_FLUSH).start()
+    try:
+        kms = central.client()
+        key = _key(kms, "tamper")
+        for _ in range(6):
+            kms.create_crypto_key_version(request={"parent": key, "crypto_key_version": {}},
+                                          **CALL)
+    finally:
+        central.stop()
+    intact = valv_audit(central.data_dir, "verify")
+    assert intact.returncode == 0, intact.stdout + intact.stderr
+    assert "audit log intact: 8 records verified; head seq 8 hash " in intact.stdout
+    head_hash = intact.stdout.rsplit(" ", 1)[1].strip()
+    anchored = valv_audit(central.data_dir, "verify", "--anchor", f"8:{head_hash}", "--json")
+    assert anchored.returncode == 0 and json.loads(anchored.stdout)["ok"] is True
+
+    for name, (tamper, message) in TAMPERING.items():
+        copy = tmp_path / name.replace(" ", "-")
+        shutil.copytree(central.data_dir, copy)
+        tamper(copy / "valv.db")
+        result = valv_audit(copy, "verify")
+        assert result.returncode == 1, (name, result.stdout, result.stderr)
+        assert message in result.stdout, (name, result.stdout)
+        assert "audit log NOT intact" in result.stdout
+        assert "Traceback" not in result.stderr
+        # query still prints what it can, and says what it skipped.
+        query = valv_audit(copy, "query")
+        assert "Traceback" not in query.stderr
+
+
+def test_tail_prints_the_last_records_and_follows(tmp_path: Path) -> None:
+    central = CentralProcess(tmp_path / "c", *NO_FLUSH).start()
+    follower: subprocess.Popen[str] | None = None
+    try:
+        kms = central.client()
+        key = _key(kms, "tail")
+        last = valv_audit(central.data_dir, "tail", "-n", "1")
+        assert [json.loads(line)["rpc"] for line in last.stdout.splitlines()] == [
+            "CreateCryptoKey"]
+        follower = subprocess.Popen(
+            [sys.executable, "-m", "valv", "audit", "tail", "-n", "1", "--follow",
+             "--interval", "0.05", "--data-dir", str(central.data_dir)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        lines: list[str] = []
+
+        def read_two() -> None:
+            assert follower is not None and follower.stdout is not None
+            for _ in range(2):
+                lines.append(follower.stdout.readline())
+
+        reader = threading.Thread(target=read_two, daemon=True)
+        reader.start()
+        wait_for(lambda: lines, deadline_s=30, what="tail to print the last record")
+        assert json.loads(lines[0])["rpc"] == "CreateCryptoKey"
+        kms.create_crypto_key_version(request={"parent": key, "crypto_key_version": {}}, **CALL)
+        reader.join(timeout=30)
+        assert len(lines) == 2 and json.loads(lines[1])["rpc"] == "CreateCryptoKeyVersion"
+    finally:
+        if follower is not None:
+            follower.kill()
+            follower.wait()
+        central.stop()
+
+
+def test_the_audit_tools_need_the_root_key(tmp_path: Path) -> None:
+    result = valv_audit(tmp_path / "nothing", "verify")
+    assert result.returncode == 2
+    assert "master.key" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_bad_data_access_mode_is_refused(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "valv", "central", "--addr", "127.0.0.1:0", "--data-dir",
+         str(tmp_path), "--audit-data-access", "sometimes"],
+        capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "off, aggregate, full" in result.stderr and "Traceback" not in result.stderr
