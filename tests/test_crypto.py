@@ -286,7 +286,7 @@ def test_keyring_repr_and_zeroize():
     _, blob = ring.wrap_kek(KEK, version_name=VERSION, algorithm=ALG)
     ring.zeroize()
     for entry in ring._entries:
-        assert entry.wrap_key.zeroized and entry.seal_key.zeroized
+        assert entry.cipher._key.zeroized and entry.seal_key.zeroized
     assert ring._page_token_key.zeroized
     with pytest.raises(CryptoError, match="zeroized"):
         ring.unwrap_kek(ring.newest_id, blob, version_name=VERSION, algorithm=ALG)

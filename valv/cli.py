@@ -28,6 +28,26 @@ def _add_store_flags(p: argparse.ArgumentParser) -> None:
              help="root master key file(s), comma-separated, oldest first; the last wraps "
                   "new keys (default: a development key created in the data dir, with a "
                   "warning)")
+    _add_root_key_flags(p)
+
+
+def _add_root_key_flags(p: argparse.ArgumentParser) -> None:
+    env_flag(p, "--master-key-source", "VALV_MASTER_KEY_SOURCE",
+             help="where the newest root key is: file (--master-key-file), env "
+                  "(VALV_MASTER_KEY: base64 of 32 bytes, several comma-separated, oldest "
+                  "first) or pkcs11 (a token); keys of the other configured sources are kept "
+                  "as older keys (default: the one configured)")
+    env_flag(p, "--pkcs11-module", "VALV_PKCS11_MODULE",
+             help="PKCS#11 library of the token holding the root key, e.g. "
+                  "/usr/lib/softhsm/libsofthsm2.so")
+    env_flag(p, "--pkcs11-token-label", "VALV_PKCS11_TOKEN_LABEL",
+             help="label of the PKCS#11 token")
+    env_flag(p, "--pkcs11-key-label", "VALV_PKCS11_KEY_LABEL",
+             help="label(s) of the AES-256 root key(s) in the token, comma-separated, oldest "
+                  "first")
+    env_flag(p, "--pkcs11-pin-file", "VALV_PKCS11_PIN_FILE",
+             help="file holding the token's user PIN (mode 0600); or set VALV_PKCS11_PIN. "
+                  "There is no PIN flag, so the PIN never shows in a process list")
 
 
 def _master_key_files(args: argparse.Namespace) -> tuple[Path, ...]:
@@ -37,9 +57,14 @@ def _master_key_files(args: argparse.Namespace) -> tuple[Path, ...]:
 def _store_config(args: argparse.Namespace) -> CentralConfig:
     """The store and root keys named by _add_store_flags (for fsck, audit...)."""
     from valv.central.server import CentralConfig
+    from valv.core.crypto.keysources import Pkcs11Config
 
     return CentralConfig(data_dir=Path(args.data_dir), store_url=args.store or None,
-                         master_key_files=_master_key_files(args))
+                         master_key_files=_master_key_files(args),
+                         master_key_source=args.master_key_source or None,
+                         pkcs11=Pkcs11Config.from_flags(
+                             args.pkcs11_module, args.pkcs11_token_label,
+                             args.pkcs11_key_label, args.pkcs11_pin_file))
 
 
 def _add_fsck(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -219,6 +244,7 @@ def _run_central(args: argparse.Namespace) -> int:
     from valv.core.audit import DataAccessMode
     from valv.core.authn import AuthConfigError
     from valv.core.crypto.errors import RootKeyConfigError
+    from valv.core.crypto.keysources import Pkcs11Config
     from valv.core.errors import ValvError
     from valv.core.names import check_id
     from valv.core.storage.base import StorageError
@@ -237,6 +263,9 @@ def _run_central(args: argparse.Namespace) -> int:
             data_dir=Path(args.data_dir),
             store_url=args.store or None,
             master_key_files=_master_key_files(args),
+            master_key_source=args.master_key_source or None,
+            pkcs11=Pkcs11Config.from_flags(args.pkcs11_module, args.pkcs11_token_label,
+                                           args.pkcs11_key_label, args.pkcs11_pin_file),
             locations=locations or ("global",),
             default_rotation_period=_default_rotation(args.default_rotation_period),
             key_cache_ttl=_key_cache_ttl(args.key_cache_ttl),
@@ -270,6 +299,9 @@ def main(argv: list[str] | None = None) -> int:
 
     auditcli.add_parser(sub)
     bench.add_parser(sub)
+    from valv import rmk
+
+    rmk.add_parser(sub)
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))

@@ -26,12 +26,8 @@ from valv.central.service import (
 )
 from valv.core.audit import DEFAULT_FLUSH_INTERVAL_S, AuditLog, DataAccessMode
 from valv.core.clock import Clock, FileClock, SystemClock
-from valv.core.crypto.rootkey import (
-    RootKey,
-    RootKeyring,
-    load_or_create_dev_root_key,
-    load_root_key_file,
-)
+from valv.core.crypto.keysources import Pkcs11Config, RootKeyConfig, load_keyring
+from valv.core.crypto.rootkey import RootKeyring
 from valv.core.keystore import KeyStore, KeystoreSettings
 from valv.core.scheduler import DEFAULT_INTERVAL_S, Scheduler
 from valv.core.storage import open_store
@@ -60,6 +56,10 @@ class CentralConfig:
     store_url: str | None = None
     # Oldest first; the last one wraps new keys. Empty: the dev key in data_dir.
     master_key_files: tuple[Path, ...] = ()
+    # Which source holds the newest RMK: file, env (VALV_MASTER_KEY) or pkcs11;
+    # None: whichever is configured (docs/crypto.md, "Root key sources").
+    master_key_source: str | None = None
+    pkcs11: Pkcs11Config = field(default_factory=Pkcs11Config)
     locations: tuple[str, ...] = ("global",)
     default_rotation_period: timedelta | None = timedelta(days=30)
     key_cache_ttl: timedelta = timedelta(seconds=1)
@@ -85,25 +85,20 @@ class CentralConfig:
 
 
 def load_root_keys(config: CentralConfig, *, create_dev_key: bool = True) -> RootKeyring:
-    keys: list[RootKey] = []
-    if config.master_key_files:
-        keys = [load_root_key_file(path) for path in config.master_key_files]
-    elif not create_dev_key:
-        keys = [load_root_key_file(config.data_dir / "master.key")]
-    else:
-        key, created = load_or_create_dev_root_key(config.data_dir)
-        keys = [key]
-        path = config.data_dir / "master.key"
+    loaded = load_keyring(
+        RootKeyConfig(source=config.master_key_source, files=config.master_key_files,
+                      pkcs11=config.pkcs11),
+        data_dir=config.data_dir, create_dev_key=create_dev_key)
+    ring = loaded.keyring
+    if loaded.dev_key_path is not None and create_dev_key:
+        path, created = loaded.dev_key_path, loaded.dev_key_created
         log.warning(
             "DEVELOPMENT ROOT KEY IN USE: %s %s. Anyone who can read this file can decrypt "
             "every key in this store. Set VALV_MASTER_KEY_FILE for production.",
             path, "was just created" if created else "is being used",
-            extra={"fields": {"rmk_id": key.key_id, "dev_key": str(path),
+            extra={"fields": {"rmk_id": ring.newest_id, "dev_key": str(path),
                               "created": created}},
         )
-    ring = RootKeyring(keys)
-    for key in keys:
-        key.zeroize()  # the keyring keeps only derived subkeys
     return ring
 
 

@@ -10,6 +10,8 @@ Points:
   key material but not yet the key's new primary and schedule.
 - ``destroy.mid-transaction``: a destruction has erased the key material but
   not yet marked the version DESTROYED.
+- ``rmk-rotate.mid-batch``: ``valv rmk rotate`` has rewritten part of a batch
+  (after at least one batch committed) and not yet committed it.
 """
 
 from __future__ import annotations

@@ -16,6 +16,13 @@ The GCM AAD is ``lp(version_name) || lp(algorithm) || lp(rmk_id)`` where
 another record (another version name), relabelled with another algorithm, or
 presented under another RMK id therefore fails to unwrap.
 
+A root key is software (:class:`RootKey`, bytes in memory, from a file or the
+environment) or lives in a PKCS#11 token (``valv.core.crypto.pkcs11``). Both
+implement :class:`RootKeyBase`: an id, a KDF for the host-side subkeys (the
+storage seal key and the page-token key) and an AES-256-GCM cipher that wraps
+KEKs. :class:`RootKeyring` builds the wrap format and AAD once, for both, so a
+token key wraps exactly the same bytes as a software one, only inside the token.
+
 Loading: a root key file holds base64 of 32 bytes (whitespace around it is
 ignored) or exactly 32 raw bytes, and must not be accessible to group or
 others. There is never a fallback to a derived or zero key. This module does
@@ -24,6 +31,7 @@ not log; callers log (the dev-key warning in particular).
 
 from __future__ import annotations
 
+import abc
 import base64
 import binascii
 import hmac
@@ -33,7 +41,7 @@ import stat
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NoReturn
+from typing import NoReturn, Protocol
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -51,11 +59,14 @@ from valv.core.crypto.secrets import BytesLike, SecretBytes
 __all__ = [
     "DEV_ROOT_KEY_FILENAME",
     "ROOT_KEY_SIZE",
+    "KekCipher",
     "RootKey",
+    "RootKeyBase",
     "RootKeyring",
     "create_dev_root_key_file",
     "load_or_create_dev_root_key",
     "load_root_key_file",
+    "parse_root_key_text",
 ]
 
 ROOT_KEY_SIZE = 32
@@ -92,8 +103,86 @@ def _encode_label(value: str, what: str) -> bytes:
     return value.encode("utf-8")
 
 
-class RootKey:
-    """A 256-bit root master key. Its repr shows only the public id."""
+class KekCipher(Protocol):
+    """AES-256-GCM under a root key's KEK-wrapping key, wherever that key lives.
+
+    Only :class:`RootKeyring` uses this: it picks the nonce and builds the AAD,
+    so the wrap format is defined in one place for every kind of root key.
+    """
+
+    def encrypt(self, nonce: bytes, data: bytes, aad: bytes) -> bytes:
+        """``ciphertext || 16-byte tag``."""
+        ...
+
+    def decrypt(self, nonce: bytes, data: bytes, aad: bytes) -> bytes:
+        """The plaintext; raises ``cryptography.exceptions.InvalidTag`` if it fails."""
+        ...
+
+    def close(self) -> None:
+        """Wipe or release whatever the cipher holds. It is unusable afterwards."""
+        ...
+
+
+class RootKeyBase(abc.ABC):
+    """A root master key: in memory (:class:`RootKey`) or in a PKCS#11 token.
+
+    The keyring needs three things of it, and nothing else:
+
+    - :attr:`key_id`, a public fingerprint that never reveals the key;
+    - :meth:`derive`, a KDF keyed by the root key, for the host-side subkeys
+      (storage seal key, page-token key);
+    - :meth:`_kek_cipher`, the AES-256-GCM cipher that wraps KEKs.
+    """
+
+    __slots__ = ()
+
+    @property
+    @abc.abstractmethod
+    def key_id(self) -> str:
+        """Public fingerprint of the key (16 hex characters)."""
+
+    @property
+    def kind(self) -> str:
+        """Where the key lives, for logs: ``software`` or ``pkcs11``."""
+        return "software"
+
+    @abc.abstractmethod
+    def derive(self, info: bytes, length: int = 32) -> SecretBytes:
+        """A subkey of this root key for ``info`` (a fresh copy the caller owns)."""
+
+    @abc.abstractmethod
+    def _kek_cipher(self) -> KekCipher:
+        """A new KEK-wrapping cipher the caller owns (and closes)."""
+
+    @abc.abstractmethod
+    def zeroize(self) -> None:
+        """Wipe or release this object's key material. Ciphers and subkeys
+        already handed out are unaffected."""
+
+    def __reduce__(self) -> NoReturn:
+        raise TypeError(f"{type(self).__name__} cannot be pickled")
+
+
+class _SoftwareKekCipher:
+    """AES-256-GCM in memory, under ``HKDF(RMK, "valv/kek-wrap/v1")``."""
+
+    __slots__ = ("_key",)
+
+    def __init__(self, key: SecretBytes) -> None:
+        self._key = key
+
+    def encrypt(self, nonce: bytes, data: bytes, aad: bytes) -> bytes:
+        return AESGCM(bytes(self._key)).encrypt(nonce, data, aad)
+
+    def decrypt(self, nonce: bytes, data: bytes, aad: bytes) -> bytes:
+        return AESGCM(bytes(self._key)).decrypt(nonce, data, aad)
+
+    def close(self) -> None:
+        self._key.zeroize()
+
+
+class RootKey(RootKeyBase):
+    """A 256-bit root master key in memory. Its repr shows only the public id."""
 
     __slots__ = ("_key", "_key_id")
 
@@ -129,6 +218,9 @@ class RootKey:
         """HKDF-SHA256 subkey of this root key with the given ``info``."""
         return SecretBytes(_hkdf(self._key.view(), info, length))
 
+    def _kek_cipher(self) -> KekCipher:
+        return _SoftwareKekCipher(self.derive(KEK_WRAP_INFO))
+
     def zeroize(self) -> None:
         """Wipe the key material. Subkeys already derived are unaffected."""
         self._key.zeroize()
@@ -144,53 +236,62 @@ class RootKey:
 
     __str__ = __repr__
 
-    def __reduce__(self) -> NoReturn:
-        raise TypeError("RootKey cannot be pickled")
-
 
 @dataclass(slots=True)
 class _RootEntry:
     key_id: str
-    wrap_key: SecretBytes
+    kind: str
+    cipher: KekCipher
     seal_key: SecretBytes
 
 
 class RootKeyring:
     """The configured root keys. The last (newest) wraps; any one unwraps.
 
-    Every subkey is derived once here and cached as :class:`SecretBytes`; the
-    keyring keeps no reference to the :class:`RootKey` objects, so callers may
-    zeroize those after construction. :meth:`zeroize` wipes all subkeys.
-    Methods are safe to call from several threads.
+    Every subkey is derived once here and cached as :class:`SecretBytes`, and
+    each key's KEK cipher is opened once; the keyring keeps no reference to the
+    key objects, so callers may zeroize those after construction.
+    :meth:`zeroize` wipes all subkeys and closes the ciphers. Methods are safe
+    to call from several threads.
     """
 
     __slots__ = ("_by_id", "_entries", "_page_token_key", "_zeroized")
 
-    def __init__(self, keys: Sequence[RootKey]) -> None:
-        if isinstance(keys, RootKey):
+    def __init__(self, keys: Sequence[RootKeyBase]) -> None:
+        if isinstance(keys, RootKeyBase):
             keys = [keys]
         if not keys:
             raise RootKeyConfigError("at least one root key must be configured")
         entries: list[_RootEntry] = []
         by_id: dict[str, _RootEntry] = {}
         for key in keys:
-            if not isinstance(key, RootKey):
+            if not isinstance(key, RootKeyBase):
                 raise TypeError(f"RootKeyring needs RootKey objects, not {type(key).__name__}")
             if key.key_id in by_id:
+                for entry in entries:
+                    entry.cipher.close()
                 raise RootKeyConfigError(
                     f"root key {key.key_id} is configured more than once; "
                     "list each root key once, oldest first"
                 )
-            entry = _RootEntry(
-                key_id=key.key_id,
-                wrap_key=key.derive(KEK_WRAP_INFO),
-                seal_key=key.derive(STORAGE_SEAL_INFO),
-            )
+            try:
+                seal_key = key.derive(STORAGE_SEAL_INFO)
+                entry = _RootEntry(key_id=key.key_id, kind=key.kind,
+                                   cipher=key._kek_cipher(), seal_key=seal_key)
+            except BaseException:
+                for done in entries:
+                    done.cipher.close()
+                raise
             entries.append(entry)
             by_id[entry.key_id] = entry
+        try:
+            self._page_token_key = keys[-1].derive(PAGE_TOKEN_INFO)
+        except BaseException:
+            for done in entries:
+                done.cipher.close()
+            raise
         self._entries: tuple[_RootEntry, ...] = tuple(entries)
         self._by_id = by_id
-        self._page_token_key = keys[-1].derive(PAGE_TOKEN_INFO)
         self._zeroized = False
 
     # -- introspection --------------------------------------------------------
@@ -204,6 +305,10 @@ class RootKeyring:
     def newest_id(self) -> str:
         """The id of the RMK that wraps and seals new data."""
         return self._entries[-1].key_id
+
+    def describe(self) -> list[dict[str, str]]:
+        """``[{"id", "kind"}]``, oldest first: what is configured, for logs and status."""
+        return [{"id": e.key_id, "kind": e.kind} for e in self._entries]
 
     def __contains__(self, rmk_id: object) -> bool:
         return rmk_id in self._by_id
@@ -251,7 +356,7 @@ class RootKeyring:
         entry = self._entry(self.newest_id)
         aad = self._wrap_aad(version_name, algorithm, entry.key_id)
         nonce = os.urandom(WRAP_NONCE_LEN)
-        sealed = AESGCM(bytes(entry.wrap_key)).encrypt(nonce, material, aad)
+        sealed = entry.cipher.encrypt(nonce, material, aad)
         return entry.key_id, nonce + sealed
 
     def unwrap_kek(
@@ -273,9 +378,7 @@ class RootKeyring:
         if data is None or len(data) < WRAP_NONCE_LEN + WRAP_TAG_LEN:
             raise failure
         try:
-            plain = AESGCM(bytes(entry.wrap_key)).decrypt(
-                data[:WRAP_NONCE_LEN], data[WRAP_NONCE_LEN:], aad
-            )
+            plain = entry.cipher.decrypt(data[:WRAP_NONCE_LEN], data[WRAP_NONCE_LEN:], aad)
         except InvalidTag:
             raise failure from None
         return SecretBytes(plain)
@@ -307,16 +410,21 @@ class RootKeyring:
     # -- lifetime -------------------------------------------------------------
 
     def zeroize(self) -> None:
-        """Wipe every cached subkey. The keyring is unusable afterwards."""
+        """Wipe every cached subkey and close the KEK ciphers (token sessions).
+
+        The keyring is unusable afterwards. Calling it again does nothing.
+        """
+        if self._zeroized:
+            return
         self._zeroized = True
         for entry in self._entries:
-            entry.wrap_key.zeroize()
+            entry.cipher.close()
             entry.seal_key.zeroize()
         self._page_token_key.zeroize()
 
     def __del__(self) -> None:
         # Safe: callers only ever receive copies of these subkeys.
-        if hasattr(self, "_page_token_key"):
+        if not getattr(self, "_zeroized", True):
             self.zeroize()
 
     def __repr__(self) -> str:
@@ -355,6 +463,28 @@ def _parse_key_file(data: bytes, path: str) -> SecretBytes:
             f"{len(data)} bytes that are neither"
         )
     return SecretBytes(decoded)
+
+
+def parse_root_key_text(text: str, what: str) -> RootKey:
+    """A root key from base64 of exactly 32 bytes (e.g. an environment variable).
+
+    ``what`` names the source in error messages (never the value itself).
+    """
+    stripped = text.strip()
+    try:
+        decoded = base64.b64decode(stripped.encode("ascii"), validate=True)
+    except (binascii.Error, ValueError, UnicodeEncodeError):
+        raise RootKeyConfigError(
+            f"{what} is not valid base64; it must hold base64 of exactly {ROOT_KEY_SIZE} "
+            "random bytes (create one with `head -c 32 /dev/urandom | base64`)"
+        ) from None
+    with SecretBytes(decoded) as material:
+        if len(material) != ROOT_KEY_SIZE:
+            raise RootKeyConfigError(
+                f"{what} decodes to {len(material)} bytes; a root key is exactly "
+                f"{ROOT_KEY_SIZE} bytes (44 base64 characters)"
+            )
+        return RootKey(material)
 
 
 def load_root_key_file(path: PathLike) -> RootKey:

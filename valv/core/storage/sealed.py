@@ -111,8 +111,9 @@ class UnknownSealKeyError(TamperedRecordError):
         StorageError.__init__(
             self,
             f"storage record {keys.describe(key)} is sealed under root key id {rmk_id!r}, "
-            "which is not configured: add that root key to VALV_MASTER_KEY_FILE, or the "
-            "record was modified or moved at the storage level",
+            "which is not configured: add that root key back to the configuration "
+            "(VALV_MASTER_KEY_FILE, VALV_MASTER_KEY or VALV_PKCS11_KEY_LABEL) and run "
+            "`valv rmk rotate`, or the record was modified or moved at the storage level",
         )
         self.key = key
         self.rmk_id = rmk_id
