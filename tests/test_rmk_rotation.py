@@ -31,6 +31,7 @@ from valv.core import records
 from valv.core.clock import FakeClock
 from valv.core.crypto.rootkey import RootKey, RootKeyring, load_root_key_file
 from valv.core.keystore import KeyStore, KeystoreSettings, NewCryptoKey
+from valv.core.names import CryptoKeyVersionName
 from valv.core.rmk_rotation import RmkRotation, census
 from valv.core.storage.keys import pack, unpack
 from valv.core.storage.sealed import SealedStore, Sealer
@@ -163,6 +164,9 @@ def test_rotation_with_a_crash_then_only_the_new_key(tmp_path: Path, project: st
         central.stop()
     fsck = run_valv("fsck", "--data-dir", str(data_dir), *only_b)
     assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+    # Resealing kept every value byte for byte, so the audit log's chain holds.
+    audit = run_valv("audit", "verify", "--data-dir", str(data_dir), *only_b)
+    assert audit.returncode == 0, audit.stdout + audit.stderr
     assert seal_ids(db).keys() == {b_id}
     ring = RootKeyring([load_root_key_file(tmp_path / "b.key")])
     try:
@@ -292,6 +296,50 @@ async def test_unreadable_records_are_reported_and_left_alone(tmp_path: Path) ->
     keystore = KeyStore(store, ring, FakeClock(), KeystoreSettings(use_cache_ttl=timedelta(0)))
     assert (await keystore.decrypt(str(key.name), ct, b"")).plaintext == b"secret"
     await store.close()
+
+
+async def test_resealing_preserves_every_value(tmp_path: Path) -> None:
+    a, b = RootKey.generate(), RootKey.generate()
+    db = tmp_path / "valv.db"
+    ring_a = RootKeyring([a])
+    store = SealedStore(SqliteStore(str(db)), Sealer(ring_a))
+    keystore = KeyStore(store, ring_a, FakeClock(), KeystoreSettings(use_cache_ttl=timedelta(0)))
+    await keystore.create_key_ring("projects/p/locations/global", "r")
+    for i in range(3):
+        name = str((await keystore.create_crypto_key(
+            "projects/p/locations/global/keyRings/r", f"k{i}",
+            NewCryptoKey(purpose=ENCRYPT_DECRYPT, labels={"i": str(i)}))).name)
+        await keystore.create_crypto_key_version(name)
+
+    def opened(ring: RootKeyring) -> dict[bytes, bytes]:
+        sealer = Sealer(ring)
+        return {k: sealer.open(k, v) for k, v in sealed_values(db)}
+
+    def keks(ring: RootKeyring, values: dict[bytes, bytes]) -> dict[bytes, bytes]:
+        out = {}
+        for key, value in values.items():
+            if unpack(key)[0] == "km":
+                rmk_id, wrapped = records.decode_material(key, value)
+                name = str(CryptoKeyVersionName(*unpack(key)[1:]))
+                with ring.unwrap_kek(rmk_id, wrapped, version_name=name,
+                                     algorithm="GOOGLE_SYMMETRIC_ENCRYPTION") as kek:
+                    out[key] = bytes(kek)
+        return out
+
+    before = opened(ring_a)
+    kek_before = keks(ring_a, before)
+    await store.close()
+    ring_ab = RootKeyring([a, b])
+    store = SealedStore(SqliteStore(str(db)), Sealer(ring_ab))
+    progress = await RmkRotation(store, ring_ab, batch_size=3).run()
+    await store.close()
+    assert progress.problem_count == 0 and progress.rewrapped == len(kek_before) == 6
+    ring_b = RootKeyring([b])
+    after = opened(ring_b)
+    assert after.keys() == before.keys()
+    assert {k: v for k, v in after.items() if unpack(k)[0] != "km"} == {
+        k: v for k, v in before.items() if unpack(k)[0] != "km"}
+    assert keks(ring_b, after) == kek_before  # the same KEKs, wrapped under B
 
 
 async def test_batch_size_is_bounded(tmp_path: Path) -> None:
