@@ -27,7 +27,6 @@ from google.cloud import kms_v1
 from google.cloud.kms_v1.services.key_management_service.transports import (
     KeyManagementServiceGrpcTransport,
 )
-from google.iam.v1 import policy_pb2
 
 from tests.helpers import CALL, STARTUP_DEADLINE_S, CentralProcess, wait_for
 
@@ -137,10 +136,6 @@ NOT_BUILT: dict[str, dict[str, Any]] = {
     "delete_crypto_key_version": {"name": V},
     "get_retired_resource": {"name": f"{L}/retiredResources/x"},
     "list_retired_resources": {"parent": L},
-    "get_iam_policy": {"resource": K},
-    "set_iam_policy": {"resource": K, "policy": policy_pb2.Policy()},
-    "test_iam_permissions": {"resource": K,
-                             "permissions": ["cloudkms.cryptoKeyVersions.useToEncrypt"]},
     "get_operation": {"name": "operations/x"},
 }
 
@@ -152,6 +147,7 @@ BUILT = {
     "update_crypto_key_primary_version", "destroy_crypto_key_version",
     "restore_crypto_key_version", "encrypt", "decrypt", "generate_random_bytes",
     "list_locations", "get_location",
+    "get_iam_policy", "set_iam_policy", "test_iam_permissions",  # tests/test_iam_client.py
 }
 
 

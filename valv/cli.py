@@ -14,6 +14,7 @@ from valv.settings import env_flag, parse_address, parse_duration
 if TYPE_CHECKING:
     from valv.central.authn import AuthSettings
     from valv.central.server import CentralConfig
+    from valv.core.iam import Policy
 
 
 def _add_store_flags(p: argparse.ArgumentParser) -> None:
@@ -138,6 +139,11 @@ def _add_central(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
                   "record per call, a storage transaction each); see the README")
     env_flag(p, "--audit-flush-interval", "VALV_AUDIT_FLUSH_INTERVAL", default="10",
              help="seconds between writes of aggregated data-access counts (and at shutdown)")
+    env_flag(p, "--root-policy-file", "VALV_ROOT_POLICY_FILE",
+             help="JSON IAM policy granted on every resource, e.g. {\"bindings\": [{\"role\": "
+                  "\"roles/cloudkms.admin\", \"members\": [\"user:alice\"]}]}; see "
+                  "docs/security.md (default: none; ignored in dev mode, where everyone has "
+                  "full rights)")
     env_flag(p, "--fake-clock-file", "VALV_FAKE_CLOCK_FILE",
              help="TESTS ONLY: read the current time (ISO 8601) from this file")
     env_flag(p, "--log-level", "VALV_LOG_LEVEL", default="info",
@@ -239,6 +245,13 @@ def _audit_flush_interval(text: str) -> float:
     return interval.total_seconds()
 
 
+def _root_policy(path: str | None) -> Policy | None:
+    """The root IAM policy file, checked now: a bad one is a startup error (InvalidArgument)."""
+    from valv.core.iam import load_root_policy
+
+    return load_root_policy(Path(path)) if path else None
+
+
 def _run_central(args: argparse.Namespace) -> int:
     from valv.central.server import CentralConfig, run_central
     from valv.core.audit import DataAccessMode
@@ -272,6 +285,7 @@ def _run_central(args: argparse.Namespace) -> int:
             scheduler_interval_s=_scheduler_interval(args.scheduler_interval),
             min_destroy_scheduled_duration=_min_destroy(args.min_destroy_duration),
             ready_file=Path(args.ready_file) if args.ready_file else None,
+            root_policy=_root_policy(args.root_policy_file),
             audit_data_access=DataAccessMode.parse(args.audit_data_access),
             audit_flush_interval_s=_audit_flush_interval(args.audit_flush_interval),
             auth=auth,

@@ -17,6 +17,7 @@ from grpclib.server import Server
 
 from valv.central.audit import CentralAuditor
 from valv.central.authn import AuthSettings, setup_authentication
+from valv.central.authz import IamAuthorizer
 from valv.central.calls import Calls, server_codecs
 from valv.central.service import (
     IamPolicyService,
@@ -28,6 +29,7 @@ from valv.core.audit import DEFAULT_FLUSH_INTERVAL_S, AuditLog, DataAccessMode
 from valv.core.clock import Clock, FileClock, SystemClock
 from valv.core.crypto.keysources import Pkcs11Config, RootKeyConfig, load_keyring
 from valv.core.crypto.rootkey import RootKeyring
+from valv.core.iam import IamPolicies, Policy
 from valv.core.keystore import KeyStore, KeystoreSettings
 from valv.core.scheduler import DEFAULT_INTERVAL_S, Scheduler
 from valv.core.storage import open_store
@@ -69,6 +71,8 @@ class CentralConfig:
     # Written (JSON, atomically) once the server accepts calls: for supervisors and tests.
     ready_file: Path | None = None
     drain_timeout_s: float = 10.0
+    # The root IAM policy (--root-policy-file): granted on every resource.
+    root_policy: Policy | None = None
     # Audit of Encrypt/Decrypt/GenerateRandomBytes (README, "Audit"), and how
     # often aggregated counts are written.
     audit_data_access: DataAccessMode = DataAccessMode.AGGREGATE
@@ -121,6 +125,7 @@ class CentralServer:
         self.calls = Calls(authenticator=self.authentication.authenticator)
         self.tracker = self.calls.tracker
         self.keystore: KeyStore | None = None
+        self.iam: IamPolicies | None = None
         self._store: SealedStore | None = None
         self._root_keys: RootKeyring | None = None
         self._servers: list[Server] = []
@@ -149,10 +154,19 @@ class CentralServer:
                                       data_access=config.audit_data_access)
         self.keystore.change_hook = self.auditor.change_hook
         self.calls.auditor = self.auditor
+        # IAM policies inherit root -> key ring -> crypto key; the Authorizer
+        # checks every call against them (not in dev mode). Policies are cached
+        # like key state, for --key-cache-ttl.
+        self.iam = IamPolicies(self.keystore, self.clock, root=config.root_policy,
+                               cache_ttl_s=config.key_cache_ttl.total_seconds())
+        self.calls.authorizer = IamAuthorizer(self.iam)
+        if self.authentication.mode != "dev" and not self.iam.root.bindings:
+            log.warning("no root IAM policy: no caller can create key rings or set the first "
+                        "policy; set --root-policy-file (docs/security.md, Authorization)")
         # grpclib captures the running loop when a Server is built: build here.
         handlers: list[IServable] = [KeyManagementService(self.keystore, self.calls),
                                      LocationsService(self.keystore, self.calls),
-                                     IamPolicyService(self.calls),
+                                     IamPolicyService(self.iam, self.calls),
                                      OperationsService(self.calls)]
         tcp = Server(handlers, **server_codecs())
         await tcp.start(config.host, config.port, ssl=self.authentication.ssl_context)

@@ -16,6 +16,7 @@ key                                                          value
 ("ck", project, location, ring, key)                         CryptoKeyRecord
 ("cv", project, location, ring, key, version:int)            CryptoKeyVersionRecord (metadata)
 ("km", project, location, ring, key, version:int)            KeyMaterialRecord (wrapped KEK)
+("iam", project, location, ring[, key])                      PolicyRecord (valv.core.iam)
 ("ix", index name, ...)                                      secondary indexes
 ("audit", seq:int)                                           AuditRecord (valv.core.audit)
 ("audit-head",)                                              AuditHead: the audit chain's end
