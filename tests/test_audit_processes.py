@@ -10,6 +10,7 @@ import base64
 import hashlib
 import json
 import random
+import secrets
 import shutil
 import sqlite3
 import subprocess
@@ -375,3 +376,96 @@ def test_a_bad_data_access_mode_is_refused(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert "off, aggregate, full" in result.stderr and "Traceback" not in result.stderr
+
+
+ADMIN = "user:admin@example.com"
+APP = "serviceAccount:app@example.com"
+NOBODY = "user:nobody@example.com"
+# Denied calls, whatever the RPC; state-changing calls, whatever their outcome.
+STATE_CHANGING = {"CreateKeyRing", "CreateCryptoKey", "CreateCryptoKeyVersion",
+                  "DestroyCryptoKeyVersion", "RestoreCryptoKeyVersion", "SetIamPolicy"}
+
+
+def test_random_allowed_and_denied_operations_with_iam(tmp_path: Path) -> None:
+    """Real authentication and authorization: every denial and every change is
+    recorded, with the caller's principal and method, and nothing else is."""
+    if not _tokens_supported():
+        pytest.skip("authentication (--tokens-file) has not landed")
+    tokens = {member: f"token-{secrets.token_hex(16)}" for member in (ADMIN, APP, NOBODY)}
+    tokens_file = tmp_path / "tokens.json"
+    tokens_file.write_text(json.dumps(
+        {m: hashlib.sha256(t.encode()).hexdigest() for m, t in tokens.items()}))
+    root_policy = tmp_path / "root-policy.json"
+    root_policy.write_text(json.dumps({"bindings": [
+        {"role": "roles/cloudkms.admin", "members": [ADMIN]}]}))
+    central = CentralProcess(tmp_path / "c", "--tokens-file", str(tokens_file),
+                             *NO_FLUSH, env={"VALV_ROOT_POLICY_FILE": str(root_policy)}).start()
+    rng = random.Random(11)
+    location = "projects/iam/locations/global"
+    ring = f"{location}/keyRings/r"
+    expected: list[tuple[str, str, str, str, str, str]] = []
+    try:
+        kms = central.client()
+
+        def run(actor: str | None, rpc: str, resource: str, method: str,
+                request: dict[str, Any]) -> str:
+            metadata = [("authorization", f"Bearer {tokens[actor]}")] if actor else []
+            status = status_of(lambda: getattr(kms, method)(
+                request=request, metadata=metadata, **CALL))
+            principal, how = (actor, "token") if actor else ("", "none")
+            if status in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
+                # An unauthenticated request is never read: no resource.
+                expected.append(("DENIED", principal, how, rpc,
+                                 resource if actor else "", status))
+            elif rpc in STATE_CHANGING:
+                expected.append(("ADMIN_ACTIVITY", principal, how, rpc, resource, status))
+            return status
+
+        assert run(ADMIN, "CreateKeyRing", location, "create_key_ring",
+                   {"parent": location, "key_ring_id": "r", "key_ring": {}}) == "OK"
+        keys: list[str] = []
+        for _ in range(60):
+            actor = rng.choice([ADMIN, ADMIN, APP, NOBODY, None])
+            choice = rng.randrange(7)
+            if choice == 0 or not keys:
+                key_id = f"k{rng.randrange(3)}"
+                if run(actor, "CreateCryptoKey", ring, "create_crypto_key",
+                       {"parent": ring, "crypto_key_id": key_id,
+                        "crypto_key": {"purpose": ENCRYPT_DECRYPT}}) == "OK":
+                    keys.append(f"{ring}/cryptoKeys/{key_id}")
+                continue
+            key = rng.choice(keys)
+            version = f"{key}/cryptoKeyVersions/{rng.randint(1, 2)}"
+            if choice == 1:
+                run(actor, "CreateCryptoKeyVersion", key, "create_crypto_key_version",
+                    {"parent": key, "crypto_key_version": {}})
+            elif choice == 2:
+                run(actor, "DestroyCryptoKeyVersion", version, "destroy_crypto_key_version",
+                    {"name": version})
+            elif choice == 3:
+                run(actor, "RestoreCryptoKeyVersion", version, "restore_crypto_key_version",
+                    {"name": version})
+            elif choice == 4:
+                run(actor, "SetIamPolicy", key, "set_iam_policy", {"resource": key, "policy": {
+                    "bindings": [{"role": "roles/cloudkms.cryptoKeyEncrypterDecrypter",
+                                  "members": [APP]}]}})
+            elif choice == 5:  # data access: only a denial is an individual record
+                run(actor, "Encrypt", key, "encrypt", {"name": key, "plaintext": b"dek"})
+            else:  # a read: only a denial is recorded
+                run(actor, "GetCryptoKey", key, "get_crypto_key", {"name": key})
+
+        got = records(central.data_dir)
+        assert [(r["kind"], r["principal"], r["auth_method"], r["rpc"], r["resource"],
+                 r["status"]) for r in got] == expected
+        kinds = {(kind, status) for kind, *_, status in expected}
+        assert {("DENIED", "UNAUTHENTICATED"), ("DENIED", "PERMISSION_DENIED"),
+                ("ADMIN_ACTIVITY", "OK")} <= kinds, kinds
+        assert any(e[3] == "SetIamPolicy" and e[5] == "OK" for e in expected)
+        # Separation of duties shows: the admin's Encrypts are denied and recorded.
+        assert any(e[1] == ADMIN and e[3] == "Encrypt" and e[0] == "DENIED" for e in expected)
+        denied = records(central.data_dir, "--result", "DENIED", "--principal", NOBODY)
+        assert denied and all(r["status"] == "PERMISSION_DENIED" for r in denied)
+        assert not any(t in json.dumps(got) for t in tokens.values())
+    finally:
+        central.stop()
+    assert valv_audit(central.data_dir, "verify").returncode == 0

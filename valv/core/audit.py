@@ -657,6 +657,7 @@ class DataAccessMode(enum.Enum):
 
 
 WINDOW = timedelta(minutes=1)
+_WINDOW_US = WINDOW // timedelta(microseconds=1)
 DEFAULT_FLUSH_INTERVAL_S = 10.0
 # Past this many pending counters a flush starts at once (memory stays bounded
 # however many principals and versions are busy).
@@ -701,8 +702,7 @@ class DataAccessAggregator:
 
     def add(self, call: CallContext, *, status: str, target: str = "") -> None:
         now_us = to_micros(self._clock.now())
-        window = to_micros(from_micros(0) + WINDOW)
-        start = now_us - now_us % window
+        start = now_us - now_us % _WINDOW_US
         key = (call.principal.member, call.principal.method, call.rpc, call.resource, target,
                status, start)
         bucket = self._buckets.get(key)
@@ -717,10 +717,9 @@ class DataAccessAggregator:
     async def flush(self, *, everything: bool = False) -> int:
         """Write the closed windows (all of them if ``everything``); returns records written."""
         async with self._lock:
-            window = to_micros(from_micros(0) + WINDOW)
             now_us = to_micros(self._clock.now())
             taken = {key: bucket for key, bucket in self._buckets.items()
-                     if everything or key[6] + window <= now_us
+                     if everything or key[6] + _WINDOW_US <= now_us
                      or len(self._buckets) >= self._max_pending}
             if not taken:
                 return 0
@@ -730,7 +729,7 @@ class DataAccessAggregator:
                 AuditEntry(kind=pb.RecordKind.DATA_ACCESS_AGGREGATE, principal=key[0],
                            auth_method=key[1], rpc=key[2], resource=key[3], target=key[4],
                            status=key[5], count=bucket.count, window_start_us=key[6],
-                           window_end_us=key[6] + window, peers=tuple(bucket.peers))
+                           window_end_us=key[6] + _WINDOW_US, peers=tuple(bucket.peers))
                 for key, bucket in sorted(taken.items())]
             try:
                 await self._log.write(entries)
