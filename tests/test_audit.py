@@ -102,7 +102,8 @@ class Env:
                    principal: Principal = DEV_PRINCIPAL) -> str:
         """Run ``op`` as the call guard runs a handler; the status name it ended with."""
         ctx = CallContext(rpc=rpc, principal=principal, peer=PEER, request_id=uuid.uuid4().hex,
-                          resource=resource, summary=summary or {"name": resource})
+                          resource=resource)
+        ctx.summary = summary or {"name": resource}
         token = current_call.set(ctx)
         error: GRPCError | None = None
         try:
@@ -374,7 +375,8 @@ async def test_denied_calls_get_a_record_of_their_own(tmp_path: Path) -> None:
     async with audited(tmp_path, DataAccessMode.OFF) as env:
         alice = Principal("user:alice@example.com", "token")
         denied = CallContext(rpc="Encrypt", principal=alice, peer=PEER, request_id="r-1",
-                             resource=KEY, summary={"name": KEY, "plaintext_bytes": 32})
+                             resource=KEY)
+        denied.summary = {"name": KEY, "plaintext_bytes": 32}
         await env.auditor.finished(denied, GRPCError(
             Status.PERMISSION_DENIED, "user:alice@example.com lacks "
             "cloudkms.cryptoKeyVersions.useToEncrypt on " + KEY))
@@ -561,7 +563,8 @@ async def test_oversized_fields_are_cut_to_fit_a_value(tmp_path: Path) -> None:
     async with audited(tmp_path) as env:
         huge = {"labels": {f"l{i}": "v" * 60 for i in range(3000)}}
         ctx = CallContext(rpc="UpdateCryptoKey", principal=DEV_PRINCIPAL, peer=PEER,
-                          request_id="r", resource="x" * 500_000, summary=huge)
+                          request_id="r", resource="x" * 500_000)
+        ctx.summary = huge
         await env.auditor.finished(ctx, GRPCError(Status.INVALID_ARGUMENT, "m" * 200_000))
         (record,) = await env.records()
         assert record.truncated

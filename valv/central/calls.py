@@ -190,6 +190,19 @@ _SECRET_FIELDS = frozenset({"plaintext", "ciphertext", "additional_authenticated
 _RESOURCE_FIELDS = ("name", "resource", "parent", "location")
 
 
+def request_resource(request: Any) -> str:
+    """The resource a request acts on (cheap: no serialization)."""
+    for field_name in _RESOURCE_FIELDS:
+        value = getattr(request, field_name, "")
+        if isinstance(value, str) and value:
+            return value
+    for nested in ("crypto_key", "crypto_key_version"):
+        nested_name = getattr(getattr(request, nested, None), "name", None)
+        if isinstance(nested_name, str) and nested_name:
+            return nested_name
+    return ""
+
+
 def describe_request(request: Any) -> tuple[str, dict[str, Any]]:
     """The resource a request acts on, and a summary of it that is safe to log.
 
@@ -197,29 +210,17 @@ def describe_request(request: Any) -> tuple[str, dict[str, Any]]:
     data and key material, which are replaced by their length.
     """
     summary: dict[str, Any] = {}
-    resource = ""
     try:
         fields = request.to_dict(casing=betterproto2.Casing.SNAKE)
     except Exception:  # a summary is best effort; the call itself goes on
-        return resource, summary
+        return request_resource(request), summary
     for field_name, value in fields.items():
         if field_name in _SECRET_FIELDS:
             raw = getattr(request, field_name, b"")
             summary[f"{field_name}_bytes"] = len(raw) if isinstance(raw, bytes) else None
         else:
             summary[field_name] = value
-    for field_name in _RESOURCE_FIELDS:
-        value = getattr(request, field_name, "")
-        if isinstance(value, str) and value:
-            resource = value
-            break
-    else:
-        for nested in ("crypto_key", "crypto_key_version"):
-            nested_name = getattr(getattr(request, nested, None), "name", None)
-            if isinstance(nested_name, str) and nested_name:
-                resource = nested_name
-                break
-    return resource, summary
+    return request_resource(request), summary
 
 
 def _authorize_on_receive(stream: Any, call: CallContext, authorizer: Authorizer) -> None:
@@ -229,7 +230,8 @@ def _authorize_on_receive(stream: Any, call: CallContext, authorizer: Authorizer
     async def receive_authorized() -> Any:
         request = await receive()
         if request is not None:
-            call.resource, call.summary = describe_request(request)
+            call.resource = request_resource(request)
+            call.summarizer = lambda: describe_request(request)[1]
             await authorizer.authorize(call, request)
         return request
 

@@ -10,6 +10,7 @@ growing a parameter. Nothing here knows about gRPC.
 from __future__ import annotations
 
 import contextvars
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,13 +39,27 @@ class CallContext:
     principal: Principal
     peer: str  # the caller's address, e.g. "127.0.0.1:53122" or "unix"
     request_id: str
-    # Filled in once the request is read: the resource acted on and a summary
-    # of the request that is safe to log (never plaintext, ciphertext or keys).
+    # Filled in once the request is read: the resource acted on, and how to
+    # summarize the request safely for the log (never plaintext, ciphertext or
+    # keys). The summary is built only when something reads it: the hot path
+    # (Encrypt/Decrypt with aggregate auditing) never does.
     resource: str = ""
-    summary: dict[str, Any] = field(default_factory=dict)
+    summarizer: Callable[[], dict[str, Any]] | None = None
+    _summary: dict[str, Any] | None = field(default=None, repr=False)
     # The CryptoKeyVersion an Encrypt/Decrypt actually used (set by the
     # keystore), for the data-access audit log.
     used_version: str = ""
+
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        if self._summary is None:
+            self._summary = self.summarizer() if self.summarizer is not None else {}
+        return self._summary
+
+    @summary.setter
+    def summary(self, value: dict[str, Any]) -> None:
+        self._summary = value
 
 
 current_call: contextvars.ContextVar[CallContext | None] = contextvars.ContextVar(
