@@ -504,3 +504,17 @@ def test_a_stale_unix_socket_is_replaced_but_a_live_one_is_not(tmp_path: Path,
         assert "already serving" in second.stderr
     finally:
         assert first.stop() == 0
+
+
+@pytest.mark.parametrize("method", ["Encrypt", "CreateKeyRing", "GetKeyRing"])
+def test_a_call_without_its_request_message_is_invalid_argument(central: CentralProcess,
+                                                                method: str) -> None:
+    """A stream that ends before its message must not reach a handler (or INTERNAL)."""
+    raw = RawGrpc(central.addr)
+    raw.start_call(1, method)
+    raw.conn.end_stream(1)
+    raw.flush()
+    meta, _ = raw.finish({1})[1]
+    assert meta[b"grpc-status"] == str(grpc.StatusCode.INVALID_ARGUMENT.value[0]).encode()
+    assert b"missing" in meta[b"grpc-message"]
+    assert "Traceback" not in central.logs()

@@ -488,3 +488,15 @@ def test_the_documented_role_table_matches_the_code() -> None:
         if role.startswith("roles/cloudkms."):
             listed = {"cloudkms." + p.strip().strip("`") for p in cell.split(",")}
             assert listed == iam.ROLES[role], role
+
+
+def test_domain_bindings_match_only_plain_email_identities() -> None:
+    from valv.core.iam import member_keys
+
+    assert "domain:corp.com" in member_keys("user:alice@corp.com")
+    assert "domain:corp.com" in member_keys("serviceAccount:ci@corp.com")
+    # A JWT subject or SPIFFE id that merely ends in "@corp.com" is not in the domain.
+    for crafted in ("serviceAccount:repo:org/x:ref:refs/heads/x@corp.com",
+                    "serviceAccount:spiffe://td/ns/a@corp.com",
+                    "user:a@b@corp.com"):
+        assert "domain:corp.com" not in member_keys(crafted)

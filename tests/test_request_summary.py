@@ -26,3 +26,13 @@ def test_the_resource_comes_from_name_parent_or_the_nested_resource() -> None:
         crypto_key=kms_v1.CryptoKey(name=KEY)))[0] == KEY
     assert describe_request(kms_v1.DecryptRequest(name=KEY, ciphertext=b"\x01" * 60))[1] == {
         "name": KEY, "ciphertext_bytes": 60}
+
+
+def test_checksums_of_secrets_are_recorded_only_as_present() -> None:
+    _, summary = describe_request(kms_v1.EncryptRequest(
+        name=KEY, plaintext=b"1234", plaintext_crc32c=4131058926,
+        additional_authenticated_data_crc32c=0))
+    assert summary["plaintext_crc32c"] == "present"
+    assert summary["additional_authenticated_data_crc32c"] == "present"
+    assert "4131058926" not in repr(summary)
+    assert not any(key.endswith("crc32_c") for key in summary)

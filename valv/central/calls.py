@@ -35,6 +35,7 @@ from valv.core.calls import (
     CallContext,
     current_call,
 )
+from valv.core.errors import InvalidArgument
 
 
 class CallTracker:
@@ -186,6 +187,16 @@ class Calls:
 # Request fields that are never logged or audited: data and key material.
 _SECRET_FIELDS = frozenset({"plaintext", "ciphertext", "additional_authenticated_data",
                             "data", "wrapped_key", "rsa_aes_wrapped_key", "digest"})
+# betterproto2's snake_case of "*_crc32c" is "*_crc32_c": log the proto field names.
+_CHECKSUM_NAMES = {
+    "plaintext_crc32_c": "plaintext_crc32c",
+    "additional_authenticated_data_crc32_c": "additional_authenticated_data_crc32c",
+    "ciphertext_crc32_c": "ciphertext_crc32c",
+    "data_crc32_c": "data_crc32c",
+    "digest_crc32_c": "digest_crc32c",
+    "signature_crc32_c": "signature_crc32c",
+    "mac_crc32_c": "mac_crc32c",
+}
 # Where a request names the resource it acts on, in order of preference.
 _RESOURCE_FIELDS = ("name", "resource", "parent", "location")
 
@@ -218,6 +229,10 @@ def describe_request(request: Any) -> tuple[str, dict[str, Any]]:
         if field_name in _SECRET_FIELDS:
             raw = getattr(request, field_name, b"")
             summary[f"{field_name}_bytes"] = len(raw) if isinstance(raw, bytes) else None
+        elif field_name.replace("_", "").endswith("crc32c"):
+            # A checksum of a secret is a secret: CRC32C is invertible for inputs
+            # of 4 bytes or less and narrows short ones. Record only its presence.
+            summary[_CHECKSUM_NAMES.get(field_name, field_name)] = "present"
         else:
             summary[field_name] = value
     return request_resource(request), summary
@@ -229,6 +244,10 @@ def _authorize_on_receive(stream: Any, call: CallContext, authorizer: Authorizer
 
     async def receive_authorized() -> Any:
         request = await receive()
+        if request is None:
+            # Every Valv RPC is unary: a stream that ends without its message is
+            # malformed. Refuse it here, so no handler ever runs unauthorized.
+            raise InvalidArgument("the request message is missing")
         if request is not None:
             call.resource = request_resource(request)
             call.summarizer = lambda: describe_request(request)[1]

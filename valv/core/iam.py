@@ -180,6 +180,9 @@ _IDENTITY_KINDS = ("user", "serviceAccount", "group")
 _IDENTITY = re.compile(r"[\x21-\x7e]{1,512}")
 _DOMAIN = re.compile(r"(?=.{1,253}$)([A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+"
                      r"[A-Za-z]{2,63}")
+# A plain email address (one "@", no ":" or "/"), the only kind of identity a
+# domain: binding matches.
+_EMAIL = re.compile(r"[A-Za-z0-9._%+-]{1,64}@" + _DOMAIN.pattern)
 
 
 def check_member(member: str) -> str:
@@ -204,7 +207,9 @@ def member_keys(member: str) -> tuple[str, ...]:
     """The binding members that match a caller whose identity is ``member``."""
     keys = [member, ALL_AUTHENTICATED_USERS]
     kind, _, value = member.partition(":")
-    if kind in ("user", "serviceAccount") and "@" in value:
+    # Only a plain email address belongs to a domain: a JWT subject or a SPIFFE
+    # id that merely ends in "@corp.com" (e.g. a branch name) must not match.
+    if kind in ("user", "serviceAccount") and _EMAIL.fullmatch(value):
         keys.append("domain:" + value.rpartition("@")[2].lower())
     return tuple(keys)
 
