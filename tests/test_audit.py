@@ -121,19 +121,27 @@ class Env:
 
 @asynccontextmanager
 async def audited(tmp_path: Path, mode: DataAccessMode = DataAccessMode.AGGREGATE,
-                  cache_ttl: timedelta = timedelta(0)) -> AsyncIterator[Env]:
+                  cache_ttl: timedelta = timedelta(0), *, flush_interval_s: float = 3600,
+                  clock: FakeClock | None = None) -> AsyncIterator[Env]:
+    """A keystore audited like central's, on ``tmp_path/valv.db`` (opened as central
+    opens it: the log is checked, or created, before the first call)."""
     ring = RootKeyring([RootKey(b"\x01" * 32)])
     raw = SqliteStore(str(tmp_path / "valv.db"))
     counter = CountingStore(raw)
     store = SealedStore(counter, Sealer(ring))
-    clock = FakeClock()
+    clock = clock or FakeClock()
     ks = KeyStore(store, ring, clock, KeystoreSettings(use_cache_ttl=cache_ttl))
-    auditor = CentralAuditor(AuditLog(store, clock), clock, data_access=mode)
+    auditor = CentralAuditor(AuditLog(store, clock), clock, data_access=mode,
+                             flush_interval_s=flush_interval_s)
+    await auditor.wait_open()
     ks.change_hook = auditor.change_hook
     try:
         yield Env(ks, store, counter, raw, auditor, clock)
     finally:
-        await store.close()
+        try:
+            await auditor.close()
+        finally:
+            await store.close()
 
 
 def brief(record: audit.AuditRecord) -> tuple[str, str, str, str]:
@@ -380,22 +388,26 @@ async def test_denied_calls_get_a_record_of_their_own(tmp_path: Path) -> None:
         await env.auditor.finished(denied, GRPCError(
             Status.PERMISSION_DENIED, "user:alice@example.com lacks "
             "cloudkms.cryptoKeyVersions.useToEncrypt on " + KEY))
+        writes = env.counter.writes
         anonymous = CallContext(rpc="DestroyCryptoKeyVersion",
                                 principal=UNAUTHENTICATED_PRINCIPAL, peer="unix",
                                 request_id="r-2")
         await env.auditor.finished(anonymous, GRPCError(
             Status.UNAUTHENTICATED, "no credentials: send authorization: Bearer <token>"))
+        assert env.counter.writes == writes  # counted, not written yet
+        await env.auditor.aggregator.flush(everything=True)
         got = [record_to_json(r) for r in await env.records()]
         assert [(g["kind"], g["principal"], g["auth_method"], g["rpc"], g["resource"],
-                 g["status"], g["peer"], g["request_id"]) for g in got] == [
+                 g["status"], g["peer"], g.get("request_id"), g.get("count")) for g in got] == [
             ("DENIED", "user:alice@example.com", "token", "Encrypt", KEY, "PERMISSION_DENIED",
-             PEER, "r-1"),
+             PEER, "r-1", None),
             ("DENIED", "", "none", "DestroyCryptoKeyVersion", "", "UNAUTHENTICATED", "unix",
-             "r-2"),
+             None, 1),
         ]
         assert got[0]["request"] == {"name": KEY, "plaintext_bytes": 32}
         assert "useToEncrypt" in got[0]["message"]
-        assert env.counter.writes == 2  # one transaction each
+        assert got[1]["message"] == "no credentials: send authorization: Bearer <token>"
+        assert got[1]["peers"] == ["unix"]
 
 
 async def test_failed_reads_are_not_audited(tmp_path: Path) -> None:
@@ -509,7 +521,7 @@ async def test_a_failed_flush_keeps_the_counts_for_the_next(
             await env.call("Encrypt", lambda: env.ks.encrypt(KEY, b"x", b""), resource=KEY)
         real_write = env.log.write
 
-        async def unavailable(entries: list[audit.AuditEntry]) -> Any:
+        async def unavailable(entries: list[audit.AuditEntry], **kwargs: Any) -> Any:
             raise StorageError("injected: storage unavailable")
 
         monkeypatch.setattr(env.log, "write", unavailable)

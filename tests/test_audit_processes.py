@@ -143,24 +143,36 @@ def test_random_operations_through_googles_client_are_recorded_in_order(
         central.stop()
 
 
+def _central_help() -> str:
+    return subprocess.run([sys.executable, "-m", "valv", "central", "--help"],
+                          capture_output=True, text=True, timeout=60).stdout
+
+
 def _tokens_supported() -> bool:
-    help_text = subprocess.run([sys.executable, "-m", "valv", "central", "--help"],
-                               capture_output=True, text=True, timeout=60).stdout
-    return "--tokens-file" in help_text
+    return "--tokens-file" in _central_help()
 
 
-def test_unauthenticated_calls_are_recorded(tmp_path: Path) -> None:
+def _dev_root_key() -> tuple[str, ...]:
+    """Authenticated central refuses the development root key unless told it's fine."""
+    return ("--dev-root-key",) if "--dev-root-key" in _central_help() else ()
+
+
+def test_unauthenticated_calls_are_counted(tmp_path: Path) -> None:
+    """Anyone who can reach the port can be refused: those refusals are counted per
+    caller host x RPC x reason x minute and written in batches, not one per call."""
     if not _tokens_supported():
         pytest.skip("authentication (--tokens-file) has not landed")
     token = "alice-token-" + "x" * 20
     tokens = tmp_path / "tokens.json"
     tokens.write_text(json.dumps({"user:alice@example.com": hashlib.sha256(
         token.encode()).hexdigest()}))
-    central = CentralProcess(tmp_path / "c", "--tokens-file", str(tokens), *NO_FLUSH).start()
+    central = CentralProcess(tmp_path / "c", "--tokens-file", str(tokens), *_dev_root_key(),
+                             *NO_FLUSH).start()
+    k = 60
     try:
         kms = central.client()
         location = "projects/p/locations/global"
-        for _ in range(2):
+        for _ in range(k):
             assert status_of(lambda: kms.create_key_ring(
                 request={"parent": location, "key_ring_id": "r", "key_ring": {}},
                 **CALL)) == "UNAUTHENTICATED"
@@ -170,22 +182,30 @@ def test_unauthenticated_calls_are_recorded(tmp_path: Path) -> None:
         status = status_of(lambda: kms.create_key_ring(
             request={"parent": location, "key_ring_id": "r", "key_ring": {}},
             metadata=[("authorization", f"Bearer {token}")], **CALL))
-        got = records(central.data_dir)
-        assert [(r["kind"], r["principal"], r["auth_method"], r["rpc"], r["status"])
-                for r in got[:3]] == [
-            ("DENIED", "", "none", "CreateKeyRing", "UNAUTHENTICATED"),
-            ("DENIED", "", "none", "CreateKeyRing", "UNAUTHENTICATED"),
-            ("DENIED", "", "none", "Encrypt", "UNAUTHENTICATED"),
-        ]
-        assert all(r["peer"].startswith("127.0.0.1:") and r["message"] for r in got[:3])
-        assert token not in json.dumps(got) and "wrong-token" not in json.dumps(got)
-        # Allowed (a change) or denied (no role yet): recorded either way, as alice.
-        (alice,) = got[3:]
+        # Allowed (a change) or denied (no role yet): a record of its own either way,
+        # as alice; the refusals are only counted so far.
+        (alice,) = records(central.data_dir)
         assert (alice["principal"], alice["auth_method"], alice["rpc"], alice["status"]) == (
             "user:alice@example.com", "token", "CreateKeyRing", status)
-        assert len(records(central.data_dir, "--result", "DENIED")) == 3 + (status != "OK")
     finally:
-        central.stop()
+        assert central.stop() == 0  # SIGTERM: the final flush writes the counts
+    got = records(central.data_dir)
+    assert got[0] == alice
+    counted = got[1:]
+    assert {(r["kind"], r["principal"], r["auth_method"], r["status"]) for r in counted} == {
+        ("DENIED", "", "none", "UNAUTHENTICATED")}
+    per_rpc: dict[str, int] = {}
+    for r in counted:
+        per_rpc[r["rpc"]] = per_rpc.get(r["rpc"], 0) + r["count"]
+    assert per_rpc == {"CreateKeyRing": k, "Encrypt": 1}
+    # One record per RPC x reason (twice that if a minute ended meanwhile).
+    assert len(counted) <= 4
+    assert all(r["peer"] == "127.0.0.1" and r["message"] and r["peers"]
+               and all(p.startswith("127.0.0.1:") for p in r["peers"]) for r in counted)
+    assert token not in json.dumps(got) and "wrong-token" not in json.dumps(got)
+    denied = records(central.data_dir, "--result", "DENIED")
+    assert sum(r.get("count", 1) for r in denied) == k + 1 + (status != "OK")
+    assert valv_audit(central.data_dir, "verify").returncode == 0
 
 
 def _key(kms: kms_v1.KeyManagementServiceClient, project: str) -> str:
@@ -263,6 +283,17 @@ def rec(seq: int) -> bytes:
 
 
 HEAD = bytes(fdb.tuple.pack(("audit-head",)))
+GENESIS = bytes(fdb.tuple.pack(("audit-genesis",)))
+RECORDS = fdb.tuple.range(("audit",))
+
+
+def _delete_log(db: Path, *, genesis: bool) -> None:
+    """Every record and the head (and the genesis marker): the whole log, gone."""
+    with closing(sqlite3.connect(db)) as conn, conn:
+        conn.execute("DELETE FROM kv WHERE k >= ? AND k < ?", (RECORDS.start, RECORDS.stop))
+        conn.execute("DELETE FROM kv WHERE k = ?", (HEAD,))
+        if genesis:
+            assert conn.execute("DELETE FROM kv WHERE k = ?", (GENESIS,)).rowcount == 1
 
 
 def _delete(db: Path, seq: int) -> None:
@@ -295,6 +326,11 @@ TAMPERING = {
     "an old record copied over a newer one": (
         lambda db: _edit(db, "UPDATE kv SET v = ? WHERE k = ?", _value(db, rec(1)), rec(6)),
         "PROBLEM: record 6: failed authentication"),
+    "every record and the head deleted": (
+        lambda db: _delete_log(db, genesis=False), "PROBLEM: the whole log was deleted"),
+    "the whole log deleted, genesis marker included": (
+        lambda db: _delete_log(db, genesis=True),
+        "PROBLEM: the store holds records (key rings, keys...) but no audit log"),
 }
 
 
@@ -314,6 +350,7 @@ def test_verify_detects_tampering_in_the_sqlite_file(tmp_path: Path) -> None:
     head_hash = intact.stdout.rsplit(" ", 1)[1].strip()
     anchored = valv_audit(central.data_dir, "verify", "--anchor", f"8:{head_hash}", "--json")
     assert anchored.returncode == 0 and json.loads(anchored.stdout)["ok"] is True
+    assert json.loads(anchored.stdout)["log_created"].endswith("Z")
 
     for name, (tamper, message) in TAMPERING.items():
         copy = tmp_path / name.replace(" ", "-")
@@ -327,6 +364,34 @@ def test_verify_detects_tampering_in_the_sqlite_file(tmp_path: Path) -> None:
         # query still prints what it can, and says what it skipped.
         query = valv_audit(copy, "query")
         assert "Traceback" not in query.stderr
+
+
+def test_a_deleted_log_refuses_changes_after_a_restart(tmp_path: Path) -> None:
+    """Whoever wipes the log at the storage level can't have central start a new
+    one over the evidence: changes are refused (DATA_LOSS) until the log is
+    restored; using keys goes on."""
+    central = CentralProcess(tmp_path / "c", *NO_FLUSH).start()
+    try:
+        key = _key(central.client(), "wiped")
+    finally:
+        central.stop()
+    _delete_log(central.data_dir / "valv.db", genesis=True)
+    central.start()
+    try:
+        kms = central.client()
+        assert status_of(lambda: kms.create_crypto_key_version(
+            request={"parent": key, "crypto_key_version": {}}, **CALL)) == "DATA_LOSS"
+        kms.encrypt(request={"name": key, "plaintext": b"still works"}, **CALL)
+        assert [v.name for v in kms.list_crypto_key_versions(request={"parent": key},
+                                                             **CALL)] == [
+            f"{key}/cryptoKeyVersions/1"]
+    finally:
+        assert central.stop() == 0
+    assert "the audit log failed its startup check" in central.logs()
+    result = valv_audit(central.data_dir, "verify")
+    assert result.returncode == 1
+    assert "no audit log at all" in result.stdout
+    assert records(central.data_dir) == []  # no new chain was started
 
 
 def test_tail_prints_the_last_records_and_follows(tmp_path: Path) -> None:
@@ -388,7 +453,8 @@ STATE_CHANGING = {"CreateKeyRing", "CreateCryptoKey", "CreateCryptoKeyVersion",
 
 def test_random_allowed_and_denied_operations_with_iam(tmp_path: Path) -> None:
     """Real authentication and authorization: every denial and every change is
-    recorded, with the caller's principal and method, and nothing else is."""
+    recorded, with the caller's principal and method, and nothing else is; refusals
+    of callers without credentials are counted per RPC."""
     if not _tokens_supported():
         pytest.skip("authentication (--tokens-file) has not landed")
     tokens = {member: f"token-{secrets.token_hex(16)}" for member in (ADMIN, APP, NOBODY)}
@@ -399,11 +465,13 @@ def test_random_allowed_and_denied_operations_with_iam(tmp_path: Path) -> None:
     root_policy.write_text(json.dumps({"bindings": [
         {"role": "roles/cloudkms.admin", "members": [ADMIN]}]}))
     central = CentralProcess(tmp_path / "c", "--tokens-file", str(tokens_file),
-                             *NO_FLUSH, env={"VALV_ROOT_POLICY_FILE": str(root_policy)}).start()
+                             *_dev_root_key(), *NO_FLUSH,
+                             env={"VALV_ROOT_POLICY_FILE": str(root_policy)}).start()
     rng = random.Random(11)
     location = "projects/iam/locations/global"
     ring = f"{location}/keyRings/r"
     expected: list[tuple[str, str, str, str, str, str]] = []
+    unauthenticated: dict[str, int] = {}
     try:
         kms = central.client()
 
@@ -412,13 +480,13 @@ def test_random_allowed_and_denied_operations_with_iam(tmp_path: Path) -> None:
             metadata = [("authorization", f"Bearer {tokens[actor]}")] if actor else []
             status = status_of(lambda: getattr(kms, method)(
                 request=request, metadata=metadata, **CALL))
-            principal, how = (actor, "token") if actor else ("", "none")
-            if status in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
-                # An unauthenticated request is never read: no resource.
-                expected.append(("DENIED", principal, how, rpc,
-                                 resource if actor else "", status))
+            if actor is None:
+                assert status == "UNAUTHENTICATED"
+                unauthenticated[rpc] = unauthenticated.get(rpc, 0) + 1
+            elif status in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
+                expected.append(("DENIED", actor, "token", rpc, resource, status))
             elif rpc in STATE_CHANGING:
-                expected.append(("ADMIN_ACTIVITY", principal, how, rpc, resource, status))
+                expected.append(("ADMIN_ACTIVITY", actor, "token", rpc, resource, status))
             return status
 
         assert run(ADMIN, "CreateKeyRing", location, "create_key_ring",
@@ -458,8 +526,8 @@ def test_random_allowed_and_denied_operations_with_iam(tmp_path: Path) -> None:
         assert [(r["kind"], r["principal"], r["auth_method"], r["rpc"], r["resource"],
                  r["status"]) for r in got] == expected
         kinds = {(kind, status) for kind, *_, status in expected}
-        assert {("DENIED", "UNAUTHENTICATED"), ("DENIED", "PERMISSION_DENIED"),
-                ("ADMIN_ACTIVITY", "OK")} <= kinds, kinds
+        assert {("DENIED", "PERMISSION_DENIED"), ("ADMIN_ACTIVITY", "OK")} <= kinds, kinds
+        assert sum(unauthenticated.values()) > 5
         assert any(e[3] == "SetIamPolicy" and e[5] == "OK" for e in expected)
         # Separation of duties shows: the admin's Encrypts are denied and recorded.
         assert any(e[1] == ADMIN and e[3] == "Encrypt" and e[0] == "DENIED" for e in expected)
@@ -467,5 +535,15 @@ def test_random_allowed_and_denied_operations_with_iam(tmp_path: Path) -> None:
         assert denied and all(r["status"] == "PERMISSION_DENIED" for r in denied)
         assert not any(t in json.dumps(got) for t in tokens.values())
     finally:
-        central.stop()
+        assert central.stop() == 0
+    # Shutdown wrote the counted refusals after the rest.
+    after = records(central.data_dir)
+    assert after[:len(got)] == got
+    counted: dict[str, int] = {}
+    for r in after[len(got):]:
+        # An unauthenticated request is never read: no resource.
+        assert (r["kind"], r["principal"], r["auth_method"], r["resource"], r["status"]) == (
+            "DENIED", "", "none", "", "UNAUTHENTICATED")
+        counted[r["rpc"]] = counted.get(r["rpc"], 0) + r["count"]
+    assert counted == unauthenticated
     assert valv_audit(central.data_dir, "verify").returncode == 0

@@ -13,9 +13,11 @@ was *not* UNAUTHENTICATED and read the principal from central's debug log
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import secrets
+import string
 import subprocess
 import sys
 import time
@@ -34,6 +36,7 @@ from google.cloud.kms_v1.services.key_management_service.transports import (
 )
 
 from tests.helpers import CALL, STARTUP_DEADLINE_S, CentralProcess
+from tests.rmk_support import run_valv as run_valv_clean
 from valv.core.authn import hash_token
 
 Client = kms_v1.KeyManagementServiceClient
@@ -45,6 +48,11 @@ AUDIENCE = "valv"
 
 
 # ---- helpers shared with test_tls.py ------------------------------------------------------
+
+
+def root_key_env() -> dict[str, str]:
+    """A root key in the environment: authenticated centrals refuse the development key."""
+    return {"VALV_MASTER_KEY": base64.b64encode(os.urandom(32)).decode()}
 
 
 def write_tokens_file(path: Path, tokens: dict[str, str]) -> Path:
@@ -158,7 +166,8 @@ def central(tmp_path_factory: pytest.TempPathFactory, signer: Signer) -> Iterato
     process = CentralProcess(work / "central", "--tokens-file", str(tokens),
                              "--jwt-issuers-file", str(issuers), "--log-level", "debug",
                              "--unix-socket", str(work / "valv.sock"),
-                             env={"VALV_ROOT_POLICY_FILE": str(policy)}).start()
+                             env={"VALV_ROOT_POLICY_FILE": str(policy),
+                                  **root_key_env()}).start()
     yield process
     process.stop()
 
@@ -215,14 +224,24 @@ def test_wrong_token_is_unauthenticated_and_never_echoed(central: CentralProcess
 
 
 @pytest.mark.parametrize(("value", "expect"), [
-    ("Basic dXNlcjpwYXNz", "must be 'Bearer <token>'"),
+    ("Basic dXNlcjpwYXNz", "must be 'Bearer <token>' (got scheme 'Basic')"),
     ("Bearer ", "empty bearer token"),
-    (ALICE_TOKEN, "must be 'Bearer <token>'"),
+    (ALICE_TOKEN, "not a Bearer credential"),
 ])
 def test_malformed_authorization_is_unauthenticated(kms: Client, value: str,
                                                    expect: str) -> None:
     message = assert_unauthenticated(probe(kms, [("authorization", value)]), expect)
     assert ALICE_TOKEN not in message and "dXNlcjpwYXNz" not in message
+
+
+def test_a_bare_token_is_never_echoed(central: CentralProcess, kms: Client) -> None:
+    """A token sent without "Bearer ": short and alphabetic, it looks like a scheme."""
+    bare = "".join(secrets.choice(string.ascii_letters) for _ in range(12))
+    message = assert_unauthenticated(probe(kms, [("authorization", bare)]),
+                                     "not a Bearer credential")
+    log = central.logs()
+    for part in (bare, bare[:6], bare[6:]):
+        assert part not in message and part not in log
 
 
 def test_two_authorization_entries_are_refused(kms: Client) -> None:
@@ -303,7 +322,7 @@ def test_jwt_only_server_refuses_static_tokens(tmp_path: Path, signer: Signer) -
                                     "jwks_file": str(tmp_path / "jwks.json"),
                                     "principal": "serviceAccount:{namespace}/{name}"}]))
     process = CentralProcess(tmp_path / "c", "--jwt-issuers-file", str(issuers),
-                             "--log-level", "debug").start()
+                             "--log-level", "debug", env=root_key_env()).start()
     try:
         kms = process.client()
         assert_unauthenticated(probe(kms, bearer(ALICE_TOKEN)), "no tokens file configured")
@@ -311,8 +330,6 @@ def test_jwt_only_server_refuses_static_tokens(tmp_path: Path, signer: Signer) -
         assert last_principal(process) == ("serviceAccount:payments/api", "jwt")
         assert_unauthenticated(probe(kms, bearer(signer.token(sub="alice"))),
                                "not a Kubernetes service account")
-        # Configured authentication moves the default address off loopback only
-        # when --addr is not given; the helper always passes 127.0.0.1:0.
         serving = serving_line(process)
         assert serving["auth"] == "authenticated" and serving["tls"] is False
     finally:
@@ -330,7 +347,8 @@ def test_dev_mode_is_user_dev_and_ignores_tokens(fresh_central: CentralProcess) 
     assert serving["auth"] == "dev"
 
 
-def _configs_seen(monkeypatch: pytest.MonkeyPatch, *argv: str) -> Any:
+def _configs_seen(monkeypatch: pytest.MonkeyPatch, *argv: str,
+                  env: dict[str, str] | None = None) -> Any:
     """The CentralConfig ``valv central ARGV`` would serve with (without serving)."""
     import valv.central.server
     import valv.logs
@@ -344,21 +362,116 @@ def _configs_seen(monkeypatch: pytest.MonkeyPatch, *argv: str) -> Any:
     monkeypatch.setattr(valv.central.server, "run_central", fake_run)
     monkeypatch.setattr(valv.logs, "setup_logging", lambda level: None)
     for name in ("VALV_ADDR", "VALV_TOKENS_FILE", "VALV_JWT_ISSUERS_FILE",
-                 "VALV_TLS_CLIENT_CA_FILE", "VALV_INSECURE"):
+                 "VALV_TLS_CLIENT_CA_FILE", "VALV_TLS_CERT_FILE", "VALV_TLS_KEY_FILE",
+                 "VALV_INSECURE", "VALV_TLS_TERMINATED_BY_PROXY", "VALV_DEV_ROOT_KEY"):
         monkeypatch.delenv(name, raising=False)
+    for name, value in (env or {}).items():
+        monkeypatch.setenv(name, value)
     assert cli.main(["central", *argv]) == 0
     return seen[0]
 
 
-def test_default_address_is_loopback_in_dev_mode_and_any_with_auth(
+def test_default_address_is_any_only_with_auth_and_tls(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     config = _configs_seen(monkeypatch, "--data-dir", str(tmp_path))
     assert (config.host, config.port) == ("127.0.0.1", 50051)
+    assert config.dev_root_key is False
     tokens = write_tokens_file(tmp_path / "t.json", {"user:a": "x"})
+    # Tokens without TLS: remote callers would send them in clear.
     config = _configs_seen(monkeypatch, "--data-dir", str(tmp_path), "--tokens-file",
                            str(tokens))
-    assert (config.host, config.port) == ("0.0.0.0", 50051)
+    assert (config.host, config.port) == ("127.0.0.1", 50051)
     assert config.auth.tokens_file == tokens
+    config = _configs_seen(monkeypatch, "--data-dir", str(tmp_path), "--tokens-file",
+                           str(tokens), "--tls-cert-file", "c.pem", "--tls-key-file", "k.pem")
+    assert (config.host, config.port) == ("0.0.0.0", 50051)
+    config = _configs_seen(monkeypatch, "--data-dir", str(tmp_path), "--tokens-file",
+                           str(tokens), "--tls-terminated-by-proxy", "--dev-root-key")
+    assert config.auth.tls_terminated_by_proxy is True and config.dev_root_key is True
+    config = _configs_seen(monkeypatch, "--data-dir", str(tmp_path), "--tokens-file",
+                           str(tokens), env={"VALV_DEV_ROOT_KEY": "1",
+                                             "VALV_TLS_TERMINATED_BY_PROXY": "1"})
+    assert config.auth.tls_terminated_by_proxy is True and config.dev_root_key is True
+
+
+def test_authenticated_without_tls_refuses_a_non_loopback_address(tmp_path: Path) -> None:
+    tokens = write_tokens_file(tmp_path / "t.json", {"user:alice": ALICE_TOKEN})
+    result = run_valv("central", "--addr", "0.0.0.0:0", "--data-dir", str(tmp_path / "d"),
+                      "--tokens-file", str(tokens), env=root_key_env())
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "without TLS" in result.stderr and "--tls-terminated-by-proxy" in result.stderr
+    assert not (tmp_path / "d").exists()  # refused before touching anything
+
+
+def test_tls_terminated_by_proxy_allows_a_non_loopback_address(tmp_path: Path) -> None:
+    tokens = write_tokens_file(tmp_path / "t.json", {"user:alice": ALICE_TOKEN})
+    process = CentralProcess(tmp_path / "c", "--addr", "0.0.0.0:0", "--tokens-file",
+                             str(tokens), "--tls-terminated-by-proxy", env=root_key_env()
+                             ).start()
+    try:
+        assert process.addr.startswith("0.0.0.0:")
+        port = process.addr.rsplit(":", 1)[1]
+        kms = client_for(f"127.0.0.1:{port}")  # as a sidecar proxy would, from loopback
+        assert_authenticated(probe(kms, bearer(ALICE_TOKEN)))
+        assert_unauthenticated(probe(kms), "missing")
+        warnings = [json.loads(line) for line in process.logs().splitlines()
+                    if "--tls-terminated-by-proxy" in line]
+        assert len(warnings) == 1 and warnings[0]["level"] == "warning"
+    finally:
+        process.stop()
+
+
+# ---- root key in authenticated mode ----------------------------------------------------------
+
+
+def test_authenticated_central_refuses_the_development_root_key(tmp_path: Path) -> None:
+    tokens = write_tokens_file(tmp_path / "t.json", {"user:alice": ALICE_TOKEN})
+    result = run_valv_clean("central", "--addr", "127.0.0.1:0", "--data-dir",
+                            str(tmp_path / "d"), "--tokens-file", str(tokens))
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    for fragment in ("no root key", "--master-key-file", "--dev-root-key",
+                     "VALV_DEV_ROOT_KEY=1"):
+        assert fragment in result.stderr, result.stderr
+    assert not (tmp_path / "d").exists()  # no development key was created
+
+
+@pytest.mark.parametrize("how", ["flag", "env"])
+def test_dev_root_key_flag_allows_it_with_the_warning(tmp_path: Path, how: str) -> None:
+    tokens = write_tokens_file(tmp_path / "t.json", {"user:alice": ALICE_TOKEN})
+    args = ("--tokens-file", str(tokens), *(("--dev-root-key",) if how == "flag" else ()))
+    env = {"VALV_DEV_ROOT_KEY": "1"} if how == "env" else {}
+    process = CentralProcess(tmp_path / "c", *args, env=env).start()
+    try:
+        assert_authenticated(probe(process.client(), bearer(ALICE_TOKEN)))
+        assert "DEVELOPMENT ROOT KEY IN USE" in process.logs()
+        assert (tmp_path / "c" / "master.key").exists()
+    finally:
+        process.stop()
+
+
+def test_dev_mode_still_creates_the_development_root_key(fresh_central: CentralProcess) -> None:
+    """The quick start: no configuration at all."""
+    assert (fresh_central.data_dir / "master.key").exists()
+    assert "DEVELOPMENT ROOT KEY IN USE" in fresh_central.logs()
+
+
+def test_issuers_that_share_principals_stop_central(tmp_path: Path, signer: Signer) -> None:
+    (tmp_path / "jwks.json").write_text(json.dumps({"keys": [signer.jwk()]}))
+    issuers = tmp_path / "issuers.json"
+    issuers.write_text(json.dumps([
+        {"issuer": f"https://cluster-{c}.example", "audiences": [AUDIENCE],
+         "jwks_file": "jwks.json"} for c in "ab"]))
+    result = run_valv("central", "--addr", "127.0.0.1:0", "--data-dir", str(tmp_path / "d"),
+                      "--jwt-issuers-file", str(issuers), env=root_key_env())
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "can map subjects to the same principal" in result.stderr
+    assert "serviceAccount:{sub}@cluster-a" in result.stderr
 
 
 def test_non_loopback_dev_mode_needs_insecure(tmp_path: Path) -> None:

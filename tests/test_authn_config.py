@@ -213,6 +213,58 @@ def test_issuers_file_shape(keyfiles: Path) -> None:
         JwtVerifier.parse(json.dumps([entry, entry]), "issuers", keyfiles)
 
 
+def _many_issuers(keyfiles: Path, *templates: str | None, issuers: tuple[str, ...] = ()
+                  ) -> JwtVerifier:
+    names = issuers or tuple(f"https://cluster-{i}.example" for i in range(len(templates)))
+    entries = [{"issuer": name, "audiences": ["valv"], "jwks_file": "jwks.json",
+                **({"principal": template} if template is not None else {})}
+               for name, template in zip(names, templates, strict=True)]
+    return JwtVerifier.parse(json.dumps(entries), "issuers", keyfiles)
+
+
+@pytest.mark.parametrize("templates", [
+    (None, None),  # both the default serviceAccount:{sub}
+    (None, "serviceAccount:{sub}"),
+    ("serviceAccount:{sub}", "serviceAccount:{sub}@b"),  # "x@b" from the first = "x" from b
+    ("user:a-{sub}", "user:{sub}-b"),  # "a-x-b" either way
+    ("serviceAccount:{namespace}/{name}", "serviceAccount:{namespace}/{name}"),
+    ("serviceAccount:{sub}@a", "serviceAccount:{sub}@b", "serviceAccount:{sub}"),
+    ("serviceAccount:robot", "serviceAccount:{sub}"),  # a constant another can make
+    ("serviceAccount:robot", "serviceAccount:robot"),
+])
+def test_issuers_whose_principals_can_meet_are_refused(keyfiles: Path,
+                                                       templates: tuple[str | None, ...]) -> None:
+    with pytest.raises(AuthConfigError, match="can map subjects to the same principal") as info:
+        _many_issuers(keyfiles, *templates)
+    assert "serviceAccount:{sub}@cluster-a" in str(info.value)  # what to do instead
+
+
+def test_iss_alone_does_not_separate_issuers_that_prefix_each_other(keyfiles: Path) -> None:
+    # "https://a/x" + "/foo" from the first issuer = "https://a" + "/x/foo" from the second.
+    with pytest.raises(AuthConfigError, match="same principal"):
+        _many_issuers(keyfiles, "serviceAccount:{iss}/{sub}", "serviceAccount:{iss}/{sub}",
+                      issuers=("https://a/x", "https://a"))
+
+
+@pytest.mark.parametrize("templates", [
+    ("serviceAccount:{sub}@cluster-a", "serviceAccount:{sub}@cluster-b"),
+    ("serviceAccount:a/{sub}", "serviceAccount:b/{sub}"),
+    ("serviceAccount:{sub}@{iss}", "serviceAccount:{sub}@{iss}"),  # issuers end differently
+    ("serviceAccount:{iss}/{sub}", "serviceAccount:{iss}/{sub}"),  # -0./ vs -1./
+    ("user:{namespace}.{name}@a.k8s", "serviceAccount:{sub}"),  # user: vs serviceAccount:
+    ("serviceAccount:robot-a", "serviceAccount:robot-b"),
+])
+def test_issuers_with_separate_principals_are_accepted(keyfiles: Path,
+                                                       templates: tuple[str, ...]) -> None:
+    verifier = _many_issuers(keyfiles, *templates)
+    assert len(verifier.issuers) == len(templates)
+
+
+def test_one_issuer_keeps_the_default_template(keyfiles: Path) -> None:
+    verifier = _many_issuers(keyfiles, None)
+    assert next(iter(verifier.issuers.values())).principal == "serviceAccount:{sub}"
+
+
 @settings(suppress_health_check=[HealthCheck.function_scoped_fixture], max_examples=200)
 @given(value=json_values, extra=st.dictionaries(
     st.sampled_from(["issuer", "audiences", "jwks_file", "public_key_file", "algorithms",
@@ -332,6 +384,37 @@ def test_bearer_tokens_only_over_tls_loopback_or_unix(connection: Connection,
         assert connection.host is not None and connection.host in info.value.message
 
 
+@pytest.mark.parametrize(("value", "expect"), [
+    ("Basic dXNlcjpwYXNz", "(got scheme 'Basic')"),
+    ("Negotiate abc", "(got scheme 'Negotiate')"),
+    ("token", "not a Bearer credential"),
+    ("QzXkWvRtPl", "not a Bearer credential"),  # a short alphabetic bare token
+    ("Bearer\tt0ken", "not a Bearer credential"),
+    ("x" * 30 + " y", "not a Bearer credential"),  # too long to be a scheme
+    ("t0k3n! rest", "not a Bearer credential"),
+])
+def test_authorization_that_is_not_bearer(value: str, expect: str) -> None:
+    with pytest.raises(Unauthenticated) as info:
+        Authn(tokens=TOKENS).authenticate([value], Connection(host="127.0.0.1", tls=False))
+    message = info.value.message
+    assert expect in message and "must be 'Bearer <token>'" in message
+    if "got scheme" not in expect:
+        assert message == NOT_BEARER  # nothing of the value
+
+
+NOT_BEARER = ("the 'authorization' metadata must be 'Bearer <token>': it is not a Bearer "
+              "credential")
+
+
+@given(st.text(alphabet=st.characters(blacklist_characters=" "), min_size=1, max_size=40)
+       .filter(lambda v: v.strip() and v.strip().lower() != "bearer"))
+def test_a_value_without_a_space_is_never_echoed(value: str) -> None:
+    """Maybe a bare token: the message is the same whatever the value."""
+    with pytest.raises(Unauthenticated) as info:
+        Authn(tokens=TOKENS).authenticate([value], Connection(host=None, tls=False))
+    assert info.value.message == NOT_BEARER
+
+
 def test_rules_without_a_bearer_token() -> None:
     cert = {"subjectAltName": (("DNS", "job.svc"),)}
     remote_tls = Connection(host="10.1.2.3", tls=True, client_cert=cert)
@@ -421,5 +504,55 @@ def test_setup_authentication_modes(tmp_path: Path) -> None:
     tokens = tmp_path / "t.json"
     tokens.write_text(json.dumps({"user:a": HEX}))
     configured = AuthSettings(tokens_file=tokens)
-    assert configured.default_address == "0.0.0.0:50051"
-    assert setup_authentication(configured, "0.0.0.0").mode == "authenticated"
+    # Without TLS, tokens would cross the network in clear: loopback by default.
+    assert configured.default_address == "127.0.0.1:50051"
+    assert setup_authentication(configured, "127.0.0.1").mode == "authenticated"
+    assert setup_authentication(configured, "::1").mode == "authenticated"
+
+
+def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "valv")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+            .sign(key, hashes.SHA256()))
+    (tmp_path / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "key.pem").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    return tmp_path / "cert.pem", tmp_path / "key.pem"
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "10.1.2.3"])
+def test_authenticated_without_tls_refuses_a_non_loopback_address(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, host: str) -> None:
+    tokens = tmp_path / "t.json"
+    tokens.write_text(json.dumps({"user:a": HEX}))
+    with pytest.raises(AuthConfigError, match="without TLS") as info:
+        setup_authentication(AuthSettings(tokens_file=tokens), host)
+    assert "--tls-terminated-by-proxy" in str(info.value)
+    assert "--tls-cert-file" in str(info.value)
+    # --insecure is about dev mode: it does not allow this.
+    with pytest.raises(AuthConfigError, match="without TLS"):
+        setup_authentication(AuthSettings(tokens_file=tokens, insecure=True), host)
+    # A proxy on this host terminates TLS: allowed, with a warning.
+    proxied = AuthSettings(tokens_file=tokens, tls_terminated_by_proxy=True)
+    assert proxied.default_address == "127.0.0.1:50051"
+    assert setup_authentication(proxied, host).mode == "authenticated"
+    assert "--tls-terminated-by-proxy" in caplog.text
+    # With TLS on the port, any address is fine and 0.0.0.0 is the default.
+    cert, key = _self_signed(tmp_path)
+    with_tls = AuthSettings(tokens_file=tokens, tls_cert_file=cert, tls_key_file=key)
+    assert with_tls.default_address == "0.0.0.0:50051"
+    assert setup_authentication(with_tls, host).ssl_context is not None
+    # The flag does not change dev mode's rule.
+    with pytest.raises(AuthConfigError, match="dev mode"):
+        setup_authentication(AuthSettings(tls_terminated_by_proxy=True), host)

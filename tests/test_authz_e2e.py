@@ -37,6 +37,7 @@ def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CentralProcess
         {"role": "roles/cloudkms.admin", "members": [ADMIN]},
         {"role": "roles/cloudkms.viewer", "members": [AUDITOR]}]}))
     process = CentralProcess(home / "central", "--tokens-file", str(tokens_file),
+                             "--dev-root-key",
                              env={"VALV_ROOT_POLICY_FILE": str(root_policy)}).start()
     yield process
     process.stop()

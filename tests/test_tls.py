@@ -34,6 +34,7 @@ from tests.test_authn import (
     bearer,
     last_principal,
     probe,
+    root_key_env,
     run_valv,
     serving_line,
     write_tokens_file,
@@ -147,7 +148,7 @@ def mtls_central(tmp_path_factory: pytest.TempPathFactory, pki: Pki
     process = CentralProcess(
         work / "central", "--tls-cert-file", str(pki.server_cert),
         "--tls-key-file", str(pki.server_key), "--tls-client-ca-file", str(pki.ca_file),
-        "--tokens-file", str(tokens), "--log-level", "debug").start()
+        "--tokens-file", str(tokens), "--log-level", "debug", env=root_key_env()).start()
     yield process
     process.stop()
 
@@ -220,6 +221,23 @@ def test_client_that_does_not_trust_the_server_fails(mtls_central: CentralProces
                                   grpc.ssl_channel_credentials(root_certificates=other.pem))
     kms = Client(transport=KeyManagementServiceGrpcTransport(channel=channel))
     assert isinstance(probe(kms), gexc.ServiceUnavailable)
+
+
+def test_authenticated_tls_central_may_listen_on_any_address(tmp_path: Path, pki: Pki) -> None:
+    """With TLS, tokens never cross the network in clear: a non-loopback bind is fine."""
+    tokens = write_tokens_file(tmp_path / "tokens.json", {"user:alice@example.com": ALICE_TOKEN})
+    process = CentralProcess(tmp_path / "c", "--addr", "0.0.0.0:0",
+                             "--tls-cert-file", str(pki.server_cert),
+                             "--tls-key-file", str(pki.server_key),
+                             "--tokens-file", str(tokens), env=root_key_env()).start()
+    try:
+        assert process.addr.startswith("0.0.0.0:")
+        process.addr = "127.0.0.1:" + process.addr.rsplit(":", 1)[1]
+        assert_authenticated(probe(tls_client(process, pki), bearer(ALICE_TOKEN)))
+        serving = serving_line(process)
+        assert serving["tls"] is True and serving["auth"] == "authenticated"
+    finally:
+        process.stop()
 
 
 def test_tls_in_dev_mode_works_with_googles_client(tmp_path: Path, pki: Pki) -> None:

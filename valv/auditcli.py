@@ -1,5 +1,7 @@
 """`valv audit verify | tail | query`: read the audit log of a store.
 
+They never write: a store whose log was never created (central not started
+yet) is simply empty to them, and verify reports a log that was deleted.
 They take the same store and root-key flags as `valv fsck`, read the log a
 chunk at a time (each chunk its own read-only transaction, so they never load
 the whole log and are safe to run while central serves), and print JSON lines.
@@ -31,9 +33,10 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
     verify = commands.add_parser(
         "verify", help="check that no record was deleted, edited, reordered or truncated",
-        description="Check the whole hash chain and the sealed head. Exits 0 if the log is "
+        description="Check the whole hash chain, the sealed head and the genesis marker (so "
+                    "a log deleted as a whole is reported too). Exits 0 if the log is "
                     "intact, 1 with one line per problem if not, 2 if the store can't be "
-                    "opened.")
+                    "opened. A rollback of the whole store is only caught with --anchor.")
     _add_store_flags(verify)
     verify.add_argument("--anchor", action="append", default=[], metavar="SEQ:HASH",
                         help="a record hash noted earlier (e.g. from a previous verify's "
@@ -132,12 +135,17 @@ def _run_verify(args: argparse.Namespace) -> int:
         def progress(n: int) -> None:
             print(f"... {n} records checked", file=sys.stderr, flush=True)
 
+        from valv.core.clock import from_micros
+
         report = await audit_log.verify(anchors=anchors, progress=progress)
-        head = report.head
+        head, genesis = report.head, report.genesis
         if args.json:
+            created = (from_micros(genesis.created_us).isoformat().replace("+00:00", "Z")
+                       if genesis else None)
             print(json.dumps({"ok": report.ok, "records_checked": report.checked,
                               "head_seq": head.seq if head else None,
                               "head_hash": head.hash.hex() if head else None,
+                              "log_created": created,
                               "problems": report.problems}))
         else:
             for problem in report.problems:

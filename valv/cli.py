@@ -14,6 +14,7 @@ from valv.settings import env_flag, parse_address, parse_duration
 if TYPE_CHECKING:
     from valv.central.authn import AuthSettings
     from valv.central.server import CentralConfig
+    from valv.core.crypto.keysources import Pkcs11Config
     from valv.core.iam import Policy
 
 
@@ -47,25 +48,43 @@ def _add_root_key_flags(p: argparse.ArgumentParser) -> None:
              help="label(s) of the AES-256 root key(s) in the token, comma-separated, oldest "
                   "first")
     env_flag(p, "--pkcs11-pin-file", "VALV_PKCS11_PIN_FILE",
-             help="file holding the token's user PIN (mode 0600); or set VALV_PKCS11_PIN. "
-                  "There is no PIN flag, so the PIN never shows in a process list")
+             help="file holding the token's user PIN (mode 0600); or set VALV_PKCS11_PIN, "
+                  "which Valv removes from its environment once read. There is no PIN flag, "
+                  "so the PIN never shows in a process list")
+    env_flag(p, "--pkcs11-allow-imported-key", "VALV_PKCS11_ALLOW_IMPORTED_KEY", default=False,
+             action="store_true",
+             help="accept token root keys that were not generated in the token (no CKA_LOCAL, "
+                  "CKA_ALWAYS_SENSITIVE or CKA_NEVER_EXTRACTABLE), e.g. a key file's key "
+                  "deliberately moved into the token; its value may exist outside the token")
 
 
 def _master_key_files(args: argparse.Namespace) -> tuple[Path, ...]:
     return tuple(Path(p.strip()) for p in (args.master_key_file or "").split(",") if p.strip())
 
 
+def _pkcs11_config(args: argparse.Namespace) -> Pkcs11Config:
+    from valv.core.crypto.keysources import Pkcs11Config
+
+    return Pkcs11Config.from_flags(
+        args.pkcs11_module, args.pkcs11_token_label, args.pkcs11_key_label,
+        args.pkcs11_pin_file,
+        allow_imported_key=_env_bool(args.pkcs11_allow_imported_key,
+                                     "VALV_PKCS11_ALLOW_IMPORTED_KEY"))
+
+
 def _store_config(args: argparse.Namespace) -> CentralConfig:
     """The store and root keys named by _add_store_flags (for fsck, audit...)."""
     from valv.central.server import CentralConfig
-    from valv.core.crypto.keysources import Pkcs11Config
 
+    try:
+        pkcs11 = _pkcs11_config(args)
+    except argparse.ArgumentTypeError as exc:
+        print(f"valv {args.command}: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     return CentralConfig(data_dir=Path(args.data_dir), store_url=args.store or None,
                          master_key_files=_master_key_files(args),
                          master_key_source=args.master_key_source or None,
-                         pkcs11=Pkcs11Config.from_flags(
-                             args.pkcs11_module, args.pkcs11_token_label,
-                             args.pkcs11_key_label, args.pkcs11_pin_file))
+                         pkcs11=pkcs11)
 
 
 def _add_fsck(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -113,12 +132,15 @@ def _add_central(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
                     "can also be set with the environment variable shown.")
     env_flag(p, "--addr", "VALV_ADDR",
              help="TCP listen address HOST:PORT (port 0 picks a free port); default "
-                  "127.0.0.1:50051 in dev mode (no authentication configured), 0.0.0.0:50051 "
-                  "with authentication")
+                  "0.0.0.0:50051 with authentication and TLS configured, else 127.0.0.1:50051")
     env_flag(p, "--unix-socket", "VALV_UNIX_SOCKET",
              help="also listen on this unix socket path (created mode 0600)")
     _add_auth_flags(p)
     _add_store_flags(p)
+    env_flag(p, "--dev-root-key", "VALV_DEV_ROOT_KEY", default=False, action="store_true",
+             help="with authentication configured and no root key source, use (or create) "
+                  "the development root key in the data dir anyway; without this central "
+                  "refuses to start, since a copy of the data dir would hold the key too")
     env_flag(p, "--locations", "VALV_LOCATIONS", default="global",
              help="comma-separated locations this server serves")
     env_flag(p, "--default-rotation-period", "VALV_DEFAULT_ROTATION_PERIOD", default="30d",
@@ -170,6 +192,11 @@ def _add_auth_flags(p: argparse.ArgumentParser) -> None:
     env_flag(p, "--insecure", "VALV_INSECURE", default=False, action="store_true",
              help="allow dev mode (no authentication: every caller is user:dev with full "
                   "rights) on a non-loopback address")
+    env_flag(p, "--tls-terminated-by-proxy", "VALV_TLS_TERMINATED_BY_PROXY", default=False,
+             action="store_true",
+             help="allow authentication without TLS on a non-loopback address, because a "
+                  "proxy on this host (e.g. a service-mesh sidecar) terminates TLS in front of "
+                  "central; anyone else reaching the port sends tokens in clear")
 
 
 def _env_bool(value: object, name: str) -> bool:
@@ -195,7 +222,9 @@ def _auth_settings(args: argparse.Namespace) -> AuthSettings:
                         tls_cert_file=path(args.tls_cert_file),
                         tls_key_file=path(args.tls_key_file),
                         tls_client_ca_file=path(args.tls_client_ca_file),
-                        insecure=_env_bool(args.insecure, "VALV_INSECURE"))
+                        insecure=_env_bool(args.insecure, "VALV_INSECURE"),
+                        tls_terminated_by_proxy=_env_bool(args.tls_terminated_by_proxy,
+                                                          "VALV_TLS_TERMINATED_BY_PROXY"))
 
 
 def _default_rotation(text: str) -> timedelta | None:
@@ -257,7 +286,6 @@ def _run_central(args: argparse.Namespace) -> int:
     from valv.core.audit import DataAccessMode
     from valv.core.authn import AuthConfigError
     from valv.core.crypto.errors import RootKeyConfigError
-    from valv.core.crypto.keysources import Pkcs11Config
     from valv.core.errors import ValvError
     from valv.core.names import check_id
     from valv.core.storage.base import StorageError
@@ -277,8 +305,8 @@ def _run_central(args: argparse.Namespace) -> int:
             store_url=args.store or None,
             master_key_files=_master_key_files(args),
             master_key_source=args.master_key_source or None,
-            pkcs11=Pkcs11Config.from_flags(args.pkcs11_module, args.pkcs11_token_label,
-                                           args.pkcs11_key_label, args.pkcs11_pin_file),
+            pkcs11=_pkcs11_config(args),
+            dev_root_key=_env_bool(args.dev_root_key, "VALV_DEV_ROOT_KEY"),
             locations=locations or ("global",),
             default_rotation_period=_default_rotation(args.default_rotation_period),
             key_cache_ttl=_key_cache_ttl(args.key_cache_ttl),

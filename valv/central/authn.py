@@ -10,8 +10,14 @@ authenticated mode at startup:
   ``user:dev`` with full rights, so central binds loopback by default and
   refuses a non-loopback address unless ``--insecure`` says so (with a loud
   warning in the log).
-- Otherwise every call must authenticate, and the default address is
-  0.0.0.0:50051.
+- Otherwise every call must authenticate. With TLS on the TCP port the
+  default address is 0.0.0.0:50051. Without TLS (bearer tokens only), the
+  default is loopback and a non-loopback address is refused unless
+  ``--tls-terminated-by-proxy`` says a proxy on this host terminates TLS in
+  front of central: else remote callers' tokens would cross the network in
+  clear (and then be refused).
+- Authenticated mode also needs a configured root key source, or an explicit
+  ``--dev-root-key`` (checked by the server, valv.central.server).
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ from valv.core.errors import Unauthenticated
 log = logging.getLogger("valv.central.authn")
 
 DEV_MODE_ADDRESS = "127.0.0.1:50051"
-AUTHENTICATED_ADDRESS = "0.0.0.0:50051"  # with auth on: the documented default
+AUTHENTICATED_ADDRESS = "0.0.0.0:50051"  # with auth and TLS on: the documented default
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +60,9 @@ class AuthSettings:
     tls_client_ca_file: Path | None = None
     # Allow dev mode (no authentication) on a non-loopback address.
     insecure: bool = False
+    # Authenticated, without TLS, on a non-loopback address: a proxy on this
+    # host (e.g. a service-mesh sidecar) terminates TLS in front of central.
+    tls_terminated_by_proxy: bool = False
 
     @property
     def configured(self) -> bool:
@@ -62,8 +71,14 @@ class AuthSettings:
                 or self.tls_client_ca_file is not None)
 
     @property
+    def tls(self) -> bool:
+        """Whether the TCP port serves TLS."""
+        return self.tls_cert_file is not None
+
+    @property
     def default_address(self) -> str:
-        return AUTHENTICATED_ADDRESS if self.configured else DEV_MODE_ADDRESS
+        # Without TLS, remote callers would send their tokens in clear: loopback.
+        return AUTHENTICATED_ADDRESS if self.configured and self.tls else DEV_MODE_ADDRESS
 
 
 @dataclass(slots=True)
@@ -94,6 +109,19 @@ def setup_authentication(settings: AuthSettings, host: str) -> Authentication:
                 "configured: anyone who can reach this address is user:dev with full rights "
                 "over every key.", host, extra={"fields": {"addr_host": host, "insecure": True}})
         return Authentication(DevAuthenticator(), context, "dev")
+    if context is None and not is_loopback(host):
+        if not settings.tls_terminated_by_proxy:
+            raise AuthConfigError(
+                f"refusing to serve {host} without TLS: callers elsewhere on the network would "
+                "send their bearer tokens in clear (central refuses them, but only after they "
+                "crossed the network). Set --tls-cert-file and --tls-key-file, bind a loopback "
+                "address, or pass --tls-terminated-by-proxy (VALV_TLS_TERMINATED_BY_PROXY=1) "
+                "if a proxy on this host terminates TLS in front of central")
+        log.warning(
+            "authenticated mode without TLS on the non-loopback address %s "
+            "(--tls-terminated-by-proxy): only a proxy on this host that terminates TLS should "
+            "reach this port; bearer tokens from non-loopback peers are refused", host,
+            extra={"fields": {"addr_host": host, "tls_terminated_by_proxy": True}})
     authn = Authn(
         tokens=StaticTokens.load(settings.tokens_file) if settings.tokens_file else None,
         jwts=JwtVerifier.load(settings.jwt_issuers_file) if settings.jwt_issuers_file else None,

@@ -16,7 +16,11 @@ import uuid
 from grpclib import GRPCError
 from grpclib.const import Status
 
-from valv.core.crypto.errors import InvalidCiphertextError, RootKeyConfigError
+from valv.core.crypto.errors import (
+    InvalidCiphertextError,
+    RootKeyConfigError,
+    RootKeyUnavailableError,
+)
 from valv.core.errors import ErrorCode, ValvError
 from valv.core.storage.base import LimitExceededError, ReadOnlyTransactionError, StorageError
 from valv.core.storage.sealed import TamperedRecordError
@@ -45,6 +49,13 @@ def to_grpc_error(exc: BaseException, method: str) -> GRPCError:
         return GRPCError(Status.DATA_LOSS, str(exc))
     if isinstance(exc, LimitExceededError):
         return GRPCError(Status.INVALID_ARGUMENT, str(exc))
+    if isinstance(exc, RootKeyUnavailableError):
+        # The root key's device (a PKCS#11 token) failed: retryable, not
+        # tampering. Details (token, module path) go to the log only.
+        incident = uuid.uuid4().hex[:12]
+        log.warning("root key unavailable in %s (incident %s): %s", method, incident, exc)
+        return GRPCError(Status.UNAVAILABLE, "the root key's token is unavailable; retry with "
+                         f"backoff (incident {incident})")
     if isinstance(exc, RootKeyConfigError):
         return GRPCError(Status.FAILED_PRECONDITION, str(exc))
     if isinstance(exc, StorageError) and not isinstance(exc, ReadOnlyTransactionError):

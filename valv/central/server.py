@@ -27,7 +27,13 @@ from valv.central.service import (
 )
 from valv.core.audit import DEFAULT_FLUSH_INTERVAL_S, AuditLog, DataAccessMode
 from valv.core.clock import Clock, FileClock, SystemClock
-from valv.core.crypto.keysources import Pkcs11Config, RootKeyConfig, load_keyring
+from valv.core.crypto.errors import RootKeyConfigError
+from valv.core.crypto.keysources import (
+    Pkcs11Config,
+    RootKeyConfig,
+    configured_sources,
+    load_keyring,
+)
 from valv.core.crypto.rootkey import RootKeyring
 from valv.core.iam import IamPolicies, Policy
 from valv.core.keystore import KeyStore, KeystoreSettings
@@ -49,7 +55,7 @@ def default_data_dir() -> Path:
 @dataclass(frozen=True, slots=True)
 class CentralConfig:
     # Loopback: the safe default in dev mode. The CLI picks 0.0.0.0 when
-    # authentication is configured (AuthSettings.default_address).
+    # authentication and TLS are configured (AuthSettings.default_address).
     host: str = "127.0.0.1"
     port: int = 50051
     unix_socket: Path | None = None
@@ -62,6 +68,9 @@ class CentralConfig:
     # None: whichever is configured (docs/crypto.md, "Root key sources").
     master_key_source: str | None = None
     pkcs11: Pkcs11Config = field(default_factory=Pkcs11Config)
+    # With authentication configured and no root key source, use (or create)
+    # the development key in data_dir anyway (--dev-root-key); else refuse.
+    dev_root_key: bool = False
     locations: tuple[str, ...] = ("global",)
     default_rotation_period: timedelta | None = timedelta(days=30)
     key_cache_ttl: timedelta = timedelta(seconds=1)
@@ -106,6 +115,25 @@ def load_root_keys(config: CentralConfig, *, create_dev_key: bool = True) -> Roo
     return ring
 
 
+def check_root_key_configured(config: CentralConfig) -> None:
+    """Refuse an authenticated central that would use the development root key.
+
+    That key lives in the data dir, next to the database: a copy of the data
+    dir (a backup) would hold both the sealed data and the key to it.
+    """
+    root = RootKeyConfig(source=config.master_key_source, files=config.master_key_files,
+                         pkcs11=config.pkcs11)
+    if config.master_key_source or configured_sources(root) or config.dev_root_key:
+        return
+    raise RootKeyConfigError(
+        "authentication is configured but no root key is: central would use a development "
+        f"root key in the data dir {config.data_dir}, next to the database, so a copy of the "
+        "data dir would hold both the data and its key. Configure one with --master-key-file "
+        "/ VALV_MASTER_KEY_FILE, VALV_MASTER_KEY or --pkcs11-module (see docs/security.md, "
+        "Root key operations), or pass --dev-root-key (VALV_DEV_ROOT_KEY=1) to use the "
+        "development key anyway")
+
+
 async def open_sealed_store(config: CentralConfig, *, create_dev_key: bool = True) -> Store:
     """The configured store, sealed with the configured root keys."""
     root_keys = load_root_keys(config, create_dev_key=create_dev_key)
@@ -122,6 +150,8 @@ class CentralServer:
         # Reads and checks the auth files, and refuses dev mode on a
         # non-loopback address without --insecure (AuthConfigError).
         self.authentication = setup_authentication(config.auth, config.host)
+        if self.authentication.mode != "dev":
+            check_root_key_configured(config)
         self.calls = Calls(authenticator=self.authentication.authenticator)
         self.tracker = self.calls.tracker
         self.keystore: KeyStore | None = None

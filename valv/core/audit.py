@@ -3,7 +3,8 @@
 Layout (tuples packed with fdb.tuple; see valv.core.storage.keys)::
 
     ("audit", seq:int)     AuditRecord (valv.audit.v1), seq = 1, 2, 3...
-    ("audit-head",)        AuditHead: the last seq and its hash
+    ("audit-head",)        AuditHead: the last seq and its hash (seq 0: empty log)
+    ("audit-genesis",)     the log's birth certificate (JSON, see ``Genesis``)
 
 Chain. Record n holds ``prev_hash`` = the hash of record n-1 (32 zero bytes
 for record 1) and ``hash`` = SHA-256(prev_hash || canonical(record)), where
@@ -20,7 +21,16 @@ What makes it tamper-evident:
   gap and a broken link;
 - the head is sealed too, so deleting records at the end leaves a head naming
   a record that is gone, and nobody without the root key can write a head
-  that hides it.
+  that hides it;
+- the genesis marker, written once when the log is created (``AuditLog.open``
+  at startup, or with the first append), says a log exists: deleting the head
+  and every record leaves it behind. Deleting it too leaves the store's other
+  records (key rings, keys...) without a log, which can't happen otherwise:
+  every change since the store's first one has its record. ``verify`` reports
+  both, ``open`` refuses them (audited changes then fail with DATA_LOSS) and
+  an ``AuditLog`` that has seen the log refuses to start a new one. The
+  genesis also holds the hash of record 1, so a head rolled back to the empty
+  log, or another log put in place of this one, shows.
 
 What it does not catch on its own: putting back an older copy of the whole
 store (or of the head together with the records after it), and rewriting by
@@ -40,7 +50,9 @@ keys and link them into the chain in a background pass.
 Data access (Encrypt, Decrypt, GenerateRandomBytes) goes through
 ``DataAccessAggregator`` in "aggregate" mode: counts kept in memory per
 principal x key version x minute and flushed in batches, so the hot path
-does no storage I/O.
+does no storage I/O. Refusals of callers that could not be authenticated are
+counted the same way, per caller host x RPC x reason x minute, so that
+anyone who can reach the port can't make central write a record per call.
 """
 
 from __future__ import annotations
@@ -51,10 +63,10 @@ import hashlib
 import json
 import logging
 import threading
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Final
 
 from valv._proto.valv.audit import v1 as pb
 from valv.core.calls import CallContext
@@ -72,6 +84,10 @@ ZERO_HASH = bytes(HASH_BYTES)
 
 RECORD_PREFIX = "audit"
 HEAD_KEY = pack("audit-head")
+GENESIS_KEY = pack("audit-genesis")
+# Every audit key starts with these bytes (("audit", seq), ("audit-head",),
+# ("audit-genesis",)): the rest of the store is outside [begin, end).
+_AUDIT_SPACE = (pack(RECORD_PREFIX)[:-1], pack(RECORD_PREFIX)[:-2] + b"u")
 
 RecordKind = pb.RecordKind
 AuditRecord = pb.AuditRecord
@@ -88,9 +104,13 @@ _LIMITS = {
 }
 MAX_REQUEST_JSON_BYTES = 32 * 1024
 MAX_PEERS = 8
-# Records written per transaction when many are appended at once (a flush):
-# ~60 kB worst case each keeps a transaction far below the 10 MB limit.
+# Records written per transaction by ``AuditLog.write``: ~60 kB worst case
+# each keeps a transaction far below the 10 MB limit.
 APPEND_BATCH = 100
+# Aggregate records written per transaction by a flush: they hold no request
+# summary or message longer than MAX_REASON_BYTES, so ~8 kB worst case each
+# (~4 MB per transaction); usually ~300 bytes.
+FLUSH_BATCH = 500
 # Records read per transaction by verify, query and tail.
 READ_CHUNK = 500
 
@@ -275,6 +295,41 @@ class Head:
 
 
 @dataclass(frozen=True, slots=True)
+class Genesis:
+    """The log's birth certificate, at ``("audit-genesis",)``, sealed like every value.
+
+    Written once, with the log's first head, and again (the same
+    ``created_us``) when record 1 is appended, to hold its hash. Stored as
+    canonical JSON: ``{"created_us": int, "first_hash": hex or "",
+    "schema_version": 1}``.
+    """
+
+    created_us: int
+    first_hash: bytes = b""
+
+    def to_bytes(self) -> bytes:
+        return json.dumps({"created_us": self.created_us, "first_hash": self.first_hash.hex(),
+                           "schema_version": SCHEMA_VERSION},
+                          sort_keys=True, separators=(",", ":")).encode("ascii")
+
+    @classmethod
+    def parse(cls, value: bytes) -> Genesis:
+        try:
+            fields = json.loads(value)
+            version = int(fields["schema_version"])
+            created_us = int(fields["created_us"])
+            first_hash = bytes.fromhex(str(fields["first_hash"]))
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+            raise DataLoss(f"the audit genesis marker could not be decoded: {exc}") from None
+        if version > SCHEMA_VERSION:
+            raise DataLoss(f"the audit genesis marker has schema version {version}; "
+                           "upgrade Valv")
+        if first_hash and len(first_hash) != HASH_BYTES:
+            raise DataLoss("the audit genesis marker holds a malformed first hash")
+        return cls(created_us, first_hash)
+
+
+@dataclass(frozen=True, slots=True)
 class Item:
     """One position of the log as read for verification: a record, or why it isn't one."""
 
@@ -287,6 +342,7 @@ class Item:
 class VerifyReport:
     checked: int = 0
     head: Head | None = None
+    genesis: Genesis | None = None
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -300,53 +356,146 @@ class AuditLog:
     def __init__(self, store: Store, clock: Clock) -> None:
         self._store = store
         self._clock = clock
+        # Set once this process has seen the log committed (open, a write, a
+        # head read): from then on a store without it lost it.
+        self._known = False
+        # Why appends are refused (the log was found deleted by ``open``).
+        self._refusal: str | None = None
 
     # ---- writing -------------------------------------------------------------------
+
+    async def open(self) -> Genesis:
+        """Check the log before serving, and create it (genesis and an empty head)
+        in a store that has nothing yet. Call once at startup, before changes.
+
+        Raises DataLoss (or TamperedRecordError) if the log was deleted or its
+        head or genesis marker can't be read; from then on this AuditLog refuses
+        every append with that reason, so no change is made without its record
+        and no new chain is started over the evidence.
+        """
+        now_us = to_micros(self._clock.now())
+
+        def body(tr: Transaction) -> Genesis:
+            head = self._read_head_in(tr)
+            genesis_value = tr.get(GENESIS_KEY)
+            if head is not None:
+                if genesis_value is None:
+                    raise DataLoss(
+                        "the audit log's genesis marker is missing but the log is there: it "
+                        "was deleted at the storage level; run `valv audit verify`. Audited "
+                        "changes are refused until it is restored from a backup")
+                return Genesis.parse(genesis_value)
+            # No log at all (_read_head_in refused a missing head with a
+            # genesis or records left): a new store, or one whose log was wiped.
+            if _other_keys_exist(tr):
+                raise DataLoss(
+                    "the store holds records (key rings, keys...) but no audit log: the whole "
+                    "log was deleted at the storage level; run `valv audit verify`. Audited "
+                    "changes are refused until it is restored from a backup")
+            genesis = Genesis(now_us)
+            tr.set(GENESIS_KEY, genesis.to_bytes())
+            tr.set(HEAD_KEY, bytes(pb.AuditHead(schema_version=SCHEMA_VERSION, seq=0,
+                                                hash=ZERO_HASH)))
+            return genesis
+
+        try:
+            genesis = await self._store.run(body)
+        except (DataLoss, TamperedRecordError) as exc:
+            self._refusal = f"the audit log can't be appended to: {exc}"
+            raise
+        self._known = True
+        return genesis
 
     def append(self, tr: Transaction, entries: Iterable[AuditEntry]) -> list[pb.AuditRecord]:
         """Append ``entries`` in ``tr``, the caller's transaction, and move the head.
 
         If ``tr`` does not commit, nothing is appended; if the append fails
-        (e.g. a tampered head), the exception aborts the caller's transaction.
+        (e.g. a tampered head, a deleted log), the exception aborts the
+        caller's transaction.
         """
+        if self._refusal is not None:
+            raise DataLoss(self._refusal)
         head = self._read_head_in(tr)
         seq, prev = (head.seq, head.hash) if head is not None else (0, ZERO_HASH)
         time_us = to_micros(self._clock.now())
         written: list[pb.AuditRecord] = []
+        entries = list(entries)
+        if entries and tr.get(record_key(seq + 1)) is not None:
+            # One point read per append keeps a rolled-back head from
+            # overwriting the records after it.
+            raise DataLoss(
+                f"a record already exists past the audit log head (seq {seq + 1}): the head "
+                "was rolled back at the storage level; run `valv audit verify`. Audited changes "
+                "are refused until it is restored")
         for entry in entries:
             seq += 1
             record = _build(entry, seq, time_us, prev)
             tr.set(record_key(seq), bytes(record))
             prev = record.hash
             written.append(record)
-        if written:
-            tr.set(HEAD_KEY, bytes(pb.AuditHead(schema_version=SCHEMA_VERSION, seq=seq,
-                                                hash=prev)))
+        if not written:
+            return written
+        if head is None or head.seq == 0:
+            # Record 1: the genesis marker (new, or the one ``open`` wrote) names it.
+            genesis = Genesis(time_us)
+            if head is not None:
+                value = tr.get(GENESIS_KEY)
+                if value is None:
+                    raise DataLoss("the audit log's genesis marker is missing: it was deleted "
+                                   "at the storage level; run `valv audit verify`")
+                genesis = Genesis.parse(value)
+                if genesis.first_hash:
+                    raise DataLoss("the audit log head says the log is empty but its genesis "
+                                   "marker names a first record: the head was rolled back at "
+                                   "the storage level; run `valv audit verify`")
+            tr.set(GENESIS_KEY, Genesis(genesis.created_us, bytes(written[0].hash)).to_bytes())
+        tr.set(HEAD_KEY, bytes(pb.AuditHead(schema_version=SCHEMA_VERSION, seq=seq, hash=prev)))
         return written
 
-    async def write(self, entries: list[AuditEntry]) -> list[pb.AuditRecord]:
-        """Append ``entries`` in transactions of their own (APPEND_BATCH per transaction)."""
-        written: list[pb.AuditRecord] = []
-        for start in range(0, len(entries), APPEND_BATCH):
-            batch = entries[start:start + APPEND_BATCH]
+    async def write(self, entries: list[AuditEntry], *,
+                    batch: int = APPEND_BATCH) -> list[pb.AuditRecord]:
+        """Append ``entries`` in transactions of their own, ``batch`` per transaction.
 
-            def body(tr: Transaction, batch: list[AuditEntry] = batch) -> list[pb.AuditRecord]:
-                return self.append(tr, batch)
+        Each transaction commits on its own: if one fails, the ones before it
+        are in the log. The caller decides what cancellation means: this
+        coroutine, cancelled, may leave its current transaction committed or
+        not (shield it in a task of its own to have it finish).
+        """
+        written: list[pb.AuditRecord] = []
+        for start in range(0, len(entries), batch):
+            chunk = entries[start:start + batch]
+
+            def body(tr: Transaction, chunk: list[AuditEntry] = chunk) -> list[pb.AuditRecord]:
+                return self.append(tr, chunk)
 
             written += await self._store.run(body)
+            self._known = True
         return written
 
     def _read_head_in(self, tr: Transaction) -> Head | None:
         value = tr.get(HEAD_KEY)
         if value is None:
-            # Only the very first append of a store gets here. Starting over at
-            # seq 1 would overwrite evidence if the head was deleted.
+            # A log that was never written to gets here; one that was must not
+            # start over at seq 1, over the evidence of its deletion.
             begin, end = records_range()
             if tr.get_range(begin, end, limit=1):
                 raise DataLoss(
                     "the audit log head is missing but audit records exist: it was deleted at "
                     "the storage level; run `valv audit verify`. Audited changes are refused "
                     "until the head is restored from a backup")
+            genesis = tr.get(GENESIS_KEY)
+            if genesis is not None:
+                created = _iso(Genesis.parse(genesis).created_us)
+                raise DataLoss(
+                    f"the audit log created at {created} was deleted at the storage level: its "
+                    "genesis marker is there but the head and every record are gone; run "
+                    "`valv audit verify`. Audited changes are refused until the log is "
+                    "restored from a backup")
+            if self._known:
+                raise DataLoss(
+                    "the audit log was deleted at the storage level while central was using "
+                    "it (its head, records and genesis marker are gone); run `valv audit "
+                    "verify`. Audited changes are refused until it is restored from a backup")
             return None
         head = _parse_head(value)
         return Head(head.seq, bytes(head.hash))
@@ -360,6 +509,17 @@ class AuditLog:
                 return None
             head = _parse_head(value)
             return Head(head.seq, bytes(head.hash))
+
+        head = await self._store.run(body, read_only=True)
+        if head is not None:
+            self._known = True
+        return head
+
+    async def genesis(self) -> Genesis | None:
+        """The genesis marker, or None if the log was never created (or it was deleted)."""
+        def body(tr: Transaction) -> Genesis | None:
+            value = tr.get(GENESIS_KEY)
+            return None if value is None else Genesis.parse(value)
 
         return await self._store.run(body, read_only=True)
 
@@ -442,14 +602,15 @@ class AuditLog:
         report = VerifyReport()
         problems = report.problems
         anchors = dict(anchors or {})
-        head: Head | None = None
-        head_readable = True
-        try:
-            head = await self.head()
-        except (TamperedRecordError, DataLoss) as exc:
-            head_readable = False
-            problems.append(f"the head: {_reason(exc)}")
-        report.head = head
+        ends = await self._ends()
+        head, genesis = ends.head, ends.genesis
+        head_readable = ends.head_problem is None
+        genesis_readable = ends.genesis_problem is None
+        if ends.head_problem is not None:
+            problems.append(f"the head: {ends.head_problem}")
+        if ends.genesis_problem is not None:
+            problems.append(f"the genesis marker: {ends.genesis_problem}")
+        report.head, report.genesis = head, genesis
         limit = head.seq if head is not None else None
 
         expected = 1
@@ -483,6 +644,10 @@ class AuditLog:
             if compute_hash(record) != bytes(record.hash):
                 problems.append(f"record {item.seq}: its hash does not match its content: "
                                 "it was edited")
+            if item.seq == 1 and genesis is not None and genesis.first_hash \
+                    and genesis.first_hash != bytes(record.hash):
+                problems.append("record 1: is not the record the genesis marker names: the "
+                                "log was replaced")
             anchor = anchors.pop(item.seq, None)
             if anchor is not None and anchor != bytes(record.hash):
                 problems.append(f"record {item.seq}: hash {bytes(record.hash).hex()} differs "
@@ -504,7 +669,35 @@ class AuditLog:
         elif head_readable and last_seq > 0:
             problems.append(f"the head is missing but there are records up to {last_seq}: it "
                             "was deleted at the storage level")
+        if head_readable and genesis_readable:
+            _check_existence(head, last_seq, genesis, ends.other_keys, problems)
         return report
+
+    async def _ends(self) -> _Ends:
+        """The head and genesis marker, and whether the store holds anything else when
+        there is neither, in one snapshot (central may be appending meanwhile)."""
+        raw_store, open_value = self._raw()
+
+        def body(tr: Transaction) -> _Ends:
+            ends = _Ends()
+            head_value, genesis_value = tr.get(HEAD_KEY), tr.get(GENESIS_KEY)
+            try:
+                if head_value is not None:
+                    head = _parse_head(open_value(HEAD_KEY, head_value))
+                    ends.head = Head(head.seq, bytes(head.hash))
+            except (TamperedRecordError, DataLoss) as exc:
+                ends.head_problem = _reason(exc)
+            try:
+                if genesis_value is not None:
+                    ends.genesis = Genesis.parse(open_value(GENESIS_KEY, genesis_value))
+            except (TamperedRecordError, DataLoss) as exc:
+                ends.genesis_problem = _reason(exc)
+            if head_value is None and genesis_value is None:
+                ends.other_keys = _other_keys_exist(tr)
+            return ends
+
+        return await raw_store.run(body, read_only=True)
+
 
     async def _check_beyond(self, head: Head, problems: list[str]) -> None:
         """No record may sit beyond the head: appends move both in one transaction.
@@ -529,6 +722,52 @@ class AuditLog:
         for seq in await raw_store.run(body, read_only=True):
             problems.append(f"record {seq}: lies beyond the head: written outside an append "
                             "(or the head was rolled back)")
+
+
+@dataclass(slots=True)
+class _Ends:
+    head: Head | None = None
+    head_problem: str | None = None
+    genesis: Genesis | None = None
+    genesis_problem: str | None = None
+    other_keys: bool = False
+
+
+def _check_existence(head: Head | None, last_seq: int, genesis: Genesis | None,
+                     other_keys: bool, problems: list[str]) -> None:
+    """What the genesis marker and the rest of the store say about the log as a whole."""
+    if genesis is not None:
+        if head is None and last_seq == 0:
+            problems.append(
+                f"the whole log was deleted: its genesis marker (created "
+                f"{_iso(genesis.created_us)}) is there but the head and every record "
+                "are gone")
+        elif head is not None and head.seq == 0 and genesis.first_hash:
+            problems.append("the head says the log is empty but the genesis marker names "
+                            "a first record: the head was rolled back")
+        elif head is not None and head.seq > 0 and not genesis.first_hash:
+            problems.append("the genesis marker names no first record but the log has "
+                            "records: the marker was rolled back")
+        return
+    if head is not None or last_seq > 0:
+        problems.append("the genesis marker is missing: it was deleted at the storage level "
+                        "(or the log was written by a Valv older than this one)")
+        return
+    if other_keys:
+        problems.append("the store holds records (key rings, keys...) but no audit log at "
+                        "all: the whole log, genesis marker included, was deleted at the "
+                        "storage level")
+
+
+def _other_keys_exist(tr: Transaction) -> bool:
+    """Whether the store holds anything outside the audit keyspace (two point-ish reads)."""
+    for begin, end in ((b"", _AUDIT_SPACE[0]), (_AUDIT_SPACE[1], b"\xff")):
+        try:
+            if tr.get_range(begin, end, limit=1):
+                return True
+        except TamperedRecordError:  # there, if unreadable
+            return True
+    return False
 
 
 def _seq_of(key: bytes) -> int | None:
@@ -569,7 +808,8 @@ def record_to_json(record: pb.AuditRecord) -> dict[str, Any]:
         out["target"] = record.target
     if record.truncated:
         out["truncated"] = True
-    aggregate = record.kind == pb.RecordKind.DATA_ACCESS_AGGREGATE
+    # DATA_ACCESS_AGGREGATE, or DENIED counted per caller host x RPC x reason x minute.
+    aggregate = record.kind == pb.RecordKind.DATA_ACCESS_AGGREGATE or record.count > 0
     if not aggregate:
         try:
             out["request"] = json.loads(record.request_json) if record.request_json else {}
@@ -583,6 +823,8 @@ def record_to_json(record: pb.AuditRecord) -> dict[str, Any]:
         out["window_start"] = _iso(record.window_start_us)
         out["window_end"] = _iso(record.window_end_us)
         out["peers"] = list(record.peers)
+        if record.peer:
+            out["peer"] = record.peer  # the callers' host, for counted refusals
     else:
         out["peer"] = record.peer
     if record.request_id:
@@ -662,9 +904,20 @@ DEFAULT_FLUSH_INTERVAL_S = 10.0
 # Past this many pending counters a flush starts at once (memory stays bounded
 # however many principals and versions are busy).
 DEFAULT_MAX_PENDING = 10_000
+# Distinct (caller host, RPC, reason, minute) counters of unauthenticated
+# refusals kept apart between flushes; past it they are counted together in one
+# "other" counter per minute, so a caller with many addresses can't grow memory
+# or the log.
+DEFAULT_MAX_REFUSALS = 1_000
+# Refusal reasons are cut to this many bytes (they come from the authenticator
+# and may quote what the caller sent).
+MAX_REASON_BYTES = 256
+OVERFLOW_REASON = "(more distinct callers, RPCs or reasons than are counted apart: counted here)"
 
-# (principal, auth_method, rpc, resource, target, status, window_start_us)
-_BucketKey = tuple[str, str, str, str, str, str, int]
+# (kind, principal, auth_method, rpc, resource, target, status, message, peer,
+# window_start_us)
+_BucketKey = tuple[pb.RecordKind, str, str, str, str, str, str, str, str, int]
+_WINDOW_FIELD: Final = 9
 
 
 @dataclass(slots=True)
@@ -672,105 +925,197 @@ class _Bucket:
     count: int = 0
     peers: list[str] = field(default_factory=list)
 
+    def merge(self, other: _Bucket) -> None:
+        self.count += other.count
+        self.peers = (self.peers + [p for p in other.peers if p not in self.peers])[:MAX_PEERS]
+
+
+_Batch = list[tuple[_BucketKey, _Bucket]]
+
+
+def peer_host(peer: str) -> str:
+    """The host part of a peer address ("10.0.0.7:52211" -> "10.0.0.7"; "unix" stays)."""
+    host, sep, port = peer.rpartition(":")
+    return host.strip("[]") if sep and port.isdigit() else peer
+
 
 class DataAccessAggregator:
-    """Counts data-access calls per principal x key version x minute, in memory.
+    """Counts calls in memory and writes the counts in batches: data access per
+    principal x key version x result x minute, and refusals of unauthenticated
+    callers per caller host x RPC x reason x minute.
 
-    ``add`` is O(1) and does no I/O: the hot path never waits on storage. A
-    flush appends one DATA_ACCESS_AGGREGATE record per counter, in batches
-    (APPEND_BATCH per transaction). ``run`` flushes every ``interval_s``
-    the windows that have closed, so a busy minute normally becomes one record;
-    ``flush(everything=True)`` (at shutdown) writes the open ones too. Counts of a
-    flush that fails are kept and written by the next.
+    ``add`` and ``add_refusal`` are O(1) and do no I/O: those calls never wait
+    on storage. A flush appends one record per counter (DATA_ACCESS_AGGREGATE,
+    or DENIED with a count), FLUSH_BATCH per transaction. ``run`` flushes every
+    ``interval_s`` the windows that have closed, so a busy minute normally
+    becomes one record; ``flush(everything=True)`` (at shutdown) writes the
+    open ones too.
+
+    Every count is written exactly once: each batch's transaction runs in a
+    task of its own that a cancelled flush does not stop, and only the counts
+    of a batch that did not commit go back to be written by the next flush.
 
     Not thread-safe: call it from the event loop only.
     """
 
     def __init__(self, log_: AuditLog, clock: Clock, *,
-                 max_pending: int = DEFAULT_MAX_PENDING) -> None:
+                 max_pending: int = DEFAULT_MAX_PENDING,
+                 max_refusals: int = DEFAULT_MAX_REFUSALS) -> None:
         self._log = log_
         self._clock = clock
         self._max_pending = max_pending
+        self._max_refusals = max_refusals
         self._buckets: dict[_BucketKey, _Bucket] = {}
+        self._refusals: dict[_BucketKey, _Bucket] = {}
+        # Batches being written: their counts are out of the maps until they commit
+        # (then gone) or fail (then back).
+        self._in_flight: dict[asyncio.Future[Any], _Batch] = {}
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()
+        self.running = False
+        # Awaited before the final flush (e.g. records still being written).
+        self.before_final_flush: Callable[[], Awaitable[None]] | None = None
 
     @property
     def pending(self) -> int:
-        """Calls counted but not written yet."""
-        return sum(b.count for b in self._buckets.values())
+        """Calls counted but not written yet (including those being written)."""
+        return (sum(b.count for b in self._buckets.values())
+                + sum(b.count for b in self._refusals.values())
+                + sum(b.count for batch in self._in_flight.values() for _, b in batch))
+
+    def _window(self) -> int:
+        now_us = to_micros(self._clock.now())
+        return now_us - now_us % _WINDOW_US
 
     def add(self, call: CallContext, *, status: str, target: str = "") -> None:
-        now_us = to_micros(self._clock.now())
-        start = now_us - now_us % _WINDOW_US
-        key = (call.principal.member, call.principal.method, call.rpc, call.resource, target,
-               status, start)
+        key = (pb.RecordKind.DATA_ACCESS_AGGREGATE, call.principal.member, call.principal.method,
+               call.rpc, call.resource, target, status, "", "", self._window())
         bucket = self._buckets.get(key)
         if bucket is None:
             bucket = self._buckets[key] = _Bucket()
             if len(self._buckets) >= self._max_pending:
                 self._wake.set()
-        bucket.count += 1
-        if len(bucket.peers) < MAX_PEERS and call.peer not in bucket.peers:
-            bucket.peers.append(call.peer)
+        _count(bucket, call.peer)
+
+    def add_refusal(self, call: CallContext, *, status: str, reason: str) -> None:
+        """Count a refused call from a caller that could not be authenticated."""
+        window = self._window()
+        key = (pb.RecordKind.DENIED, call.principal.member, call.principal.method, call.rpc,
+               "", "", status, _cut(reason, MAX_REASON_BYTES)[0], peer_host(call.peer), window)
+        bucket = self._refusals.get(key)
+        if bucket is None:
+            if len(self._refusals) >= self._max_refusals:
+                self._wake.set()
+                key = (pb.RecordKind.DENIED, call.principal.member, call.principal.method, "",
+                       "", "", status, OVERFLOW_REASON, "", window)
+                bucket = self._refusals.get(key)
+            if bucket is None:
+                bucket = self._refusals[key] = _Bucket()
+        _count(bucket, call.peer)
 
     async def flush(self, *, everything: bool = False) -> int:
-        """Write the closed windows (all of them if ``everything``); returns records written."""
+        """Write the closed windows (all of them if ``everything``); returns records written.
+
+        If a batch fails, the batches before it stay written, its counts and
+        those of the batches after it are kept for the next flush, and the
+        error is raised. If the flush is cancelled, the batch being written
+        still commits or has its counts put back, and the rest are put back.
+        """
         async with self._lock:
-            now_us = to_micros(self._clock.now())
-            taken = {key: bucket for key, bucket in self._buckets.items()
-                     if everything or key[6] + _WINDOW_US <= now_us
-                     or len(self._buckets) >= self._max_pending}
-            if not taken:
-                return 0
-            for key in taken:
-                del self._buckets[key]
-            entries = [
-                AuditEntry(kind=pb.RecordKind.DATA_ACCESS_AGGREGATE, principal=key[0],
-                           auth_method=key[1], rpc=key[2], resource=key[3], target=key[4],
-                           status=key[5], count=bucket.count, window_start_us=key[6],
-                           window_end_us=key[6] + _WINDOW_US, peers=tuple(bucket.peers))
-                for key, bucket in sorted(taken.items())]
-            try:
-                await self._log.write(entries)
-            except BaseException:
-                # Put the counts back; the next flush tries again.
-                for key, bucket in taken.items():
-                    merged = self._buckets.setdefault(key, _Bucket())
-                    merged.count += bucket.count
-                    merged.peers = (merged.peers + [p for p in bucket.peers
-                                                    if p not in merged.peers])[:MAX_PEERS]
-                raise
-            return len(entries)
+            await self._settle()
+            taken = self._take(everything)
+            written = 0
+            while taken:
+                batch, taken = taken[:FLUSH_BATCH], taken[FLUSH_BATCH:]
+                entries = [_aggregate_entry(key, bucket) for key, bucket in batch]
+                task = asyncio.ensure_future(self._log.write(entries, batch=FLUSH_BATCH))
+                self._in_flight[task] = batch
+                task.add_done_callback(self._settled)
+                try:
+                    await asyncio.shield(task)
+                except BaseException:
+                    # Failed or cancelled: ``_settled`` puts this batch back unless
+                    # it committed; the batches not tried go back now.
+                    self._restore(taken)
+                    raise
+                written += len(batch)
+            return written
+
+    def _take(self, everything: bool) -> _Batch:
+        now_us = to_micros(self._clock.now())
+        taken: _Batch = []
+        for buckets, limit in ((self._buckets, self._max_pending),
+                               (self._refusals, self._max_refusals)):
+            full = len(buckets) >= limit
+            keys = [key for key in buckets
+                    if everything or full or key[_WINDOW_FIELD] + _WINDOW_US <= now_us]
+            taken += [(key, buckets.pop(key)) for key in keys]
+        taken.sort(key=lambda item: (item[0][_WINDOW_FIELD], item[0]))
+        return taken
+
+    def _restore(self, batch: _Batch) -> None:
+        for key, bucket in batch:
+            buckets = self._refusals if key[0] == pb.RecordKind.DENIED else self._buckets
+            buckets.setdefault(key, _Bucket()).merge(bucket)
+
+    def _settled(self, task: asyncio.Future[Any]) -> None:
+        batch = self._in_flight.pop(task, [])
+        if task.cancelled() or task.exception() is not None:
+            self._restore(batch)  # not committed: the next flush writes it
+
+    async def _settle(self) -> None:
+        """Wait for batches a cancelled flush left in flight."""
+        if self._in_flight:
+            await asyncio.wait(set(self._in_flight))
 
     async def run(self, stop: asyncio.Event, interval_s: float = DEFAULT_FLUSH_INTERVAL_S
                   ) -> None:
         """Flush closed windows every ``interval_s`` until ``stop``; then flush everything."""
-        while not stop.is_set():
-            waiter = asyncio.ensure_future(self._wake.wait())
-            stopper = asyncio.ensure_future(stop.wait())
-            try:
-                await asyncio.wait({waiter, stopper}, timeout=interval_s,
-                                   return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                waiter.cancel()
-                stopper.cancel()
-            self._wake.clear()
-            if stop.is_set():
-                break
-            try:
-                await self.flush()
-            except Exception:
-                log.exception("could not write data-access audit counts; retrying at the next "
-                              "flush", extra={"fields": {"pending_calls": self.pending}})
-        await self.final_flush()
+        self.running = True
+        try:
+            while not stop.is_set():
+                waiter = asyncio.ensure_future(self._wake.wait())
+                stopper = asyncio.ensure_future(stop.wait())
+                try:
+                    await asyncio.wait({waiter, stopper}, timeout=interval_s,
+                                       return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    waiter.cancel()
+                    stopper.cancel()
+                self._wake.clear()
+                if stop.is_set():
+                    break
+                try:
+                    await self.flush()
+                except Exception:
+                    log.exception("could not write aggregated audit counts; retrying at the "
+                                  "next flush", extra={"fields": {"pending_calls": self.pending}})
+            await self.final_flush()
+        finally:
+            self.running = False
 
     async def final_flush(self) -> None:
+        if self.before_final_flush is not None:
+            await self.before_final_flush()
         try:
             await self.flush(everything=True)
         except Exception:
-            log.exception("could not write data-access audit counts at shutdown; they are "
+            log.exception("could not write aggregated audit counts at shutdown; they are "
                           "lost", extra={"fields": {"pending_calls": self.pending}})
+
+
+def _count(bucket: _Bucket, peer: str) -> None:
+    bucket.count += 1
+    if len(bucket.peers) < MAX_PEERS and peer not in bucket.peers:
+        bucket.peers.append(peer)
+
+
+def _aggregate_entry(key: _BucketKey, bucket: _Bucket) -> AuditEntry:
+    kind, principal, method, rpc, resource, target, status, message, peer, start = key
+    return AuditEntry(kind=kind, principal=principal, auth_method=method, rpc=rpc,
+                      resource=resource, target=target, status=status, status_message=message,
+                      peer=peer, count=bucket.count, window_start_us=start,
+                      window_end_us=start + _WINDOW_US, peers=tuple(bucket.peers))
 
 
 class AuditedChanges:
@@ -803,6 +1148,8 @@ class AuditedChanges:
 
 __all__ = [
     "APPEND_BATCH",
+    "FLUSH_BATCH",
+    "GENESIS_KEY",
     "HEAD_KEY",
     "SCHEDULER_PRINCIPAL",
     "AuditEntry",
@@ -811,6 +1158,7 @@ __all__ = [
     "AuditedChanges",
     "DataAccessAggregator",
     "DataAccessMode",
+    "Genesis",
     "Head",
     "Query",
     "RecordKind",

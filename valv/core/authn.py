@@ -246,6 +246,7 @@ class JwtVerifier:
                 raise AuthConfigError(
                     f"{source}: issuer {_clip(issuer.issuer)} is listed twice")
             issuers.append(issuer)
+        _check_separate_principals(issuers, source)
         return cls(issuers)
 
     @classmethod
@@ -378,6 +379,52 @@ def _parse_issuer(entry: object, where: str, base_dir: Path) -> JwtIssuer:
             f"{where}: none of its keys in {path} can verify {', '.join(algorithms)}")
     return JwtIssuer(issuer=issuer, audiences=tuple(audiences), keys=keys,
                      algorithms=tuple(algorithms), principal=template)
+
+
+def _template_ends(issuer: JwtIssuer) -> tuple[str, str, bool]:
+    """The literal text before the first and after the last subject placeholder of the
+    issuer's template ({iss} counts as literal: it is the issuer), and whether it has one."""
+    pieces: list[str | None] = []  # literal text; None for a subject placeholder
+    for literal, field_name, _spec, _conversion in string.Formatter().parse(issuer.principal):
+        pieces.append(literal)
+        if field_name == "iss":
+            pieces.append(issuer.issuer)
+        elif field_name is not None:
+            pieces.append(None)
+    if None not in pieces:
+        whole = "".join(p for p in pieces if p is not None)
+        return whole, whole, False
+    first, last = pieces.index(None), len(pieces) - 1 - pieces[::-1].index(None)
+    return ("".join(p for p in pieces[:first] if p is not None),
+            "".join(p for p in pieces[last + 1:] if p is not None), True)
+
+
+def _check_separate_principals(issuers: Sequence[JwtIssuer], source: str) -> None:
+    """Refuse issuers whose templates could give two subjects the same principal.
+
+    Two templates can only produce a common principal if the literal text
+    before their first placeholder agrees (one is a prefix of the other) and
+    the text after their last placeholder agrees too (one is a suffix of the
+    other); otherwise every principal of one issuer differs from every
+    principal of the other. The test is conservative: it may refuse templates
+    that could in fact never meet, but never accepts two that can.
+    """
+    ends = [(issuer, *_template_ends(issuer)) for issuer in issuers]
+    for index, (a, a_head, a_tail, a_open) in enumerate(ends):
+        for b, b_head, b_tail, b_open in ends[index + 1:]:
+            if not a_open and not b_open:
+                apart = a_head != b_head
+            else:
+                apart = (not (a_head.startswith(b_head) or b_head.startswith(a_head))
+                         or not (a_tail.endswith(b_tail) or b_tail.endswith(a_tail)))
+            if not apart:
+                raise AuthConfigError(
+                    f"{source}: issuers {_clip(a.issuer)} and {_clip(b.issuer)} can map "
+                    f"subjects to the same principal (principal templates "
+                    f"{_clip(a.principal)} and {_clip(b.principal)}), so an identity of one "
+                    "could act as an identity of the other. Give each issuer a 'principal' "
+                    "template with its own literal suffix or prefix, e.g. "
+                    "'serviceAccount:{sub}@cluster-a' and 'serviceAccount:{sub}@cluster-b'")
 
 
 def _check_template(template: object, where: str) -> None:
@@ -559,10 +606,15 @@ class Authn:
 
 
 def _bearer_token(value: str) -> str:
-    scheme, _, token = value.strip().partition(" ")
+    scheme, space, token = value.strip().partition(" ")
     if scheme.lower() != "bearer":
-        shown = f" (got scheme {scheme!r})" if scheme.isalpha() and len(scheme) <= 20 else ""
-        raise Unauthenticated(f"the 'authorization' metadata must be 'Bearer <token>'{shown}")
+        # Name the scheme only when a space follows it ("Basic dXNl..."): a
+        # value without one may be a bare token, and no part of it is shown.
+        if space and scheme.isalpha() and len(scheme) <= 20:
+            raise Unauthenticated(
+                f"the 'authorization' metadata must be 'Bearer <token>' (got scheme {scheme!r})")
+        raise Unauthenticated("the 'authorization' metadata must be 'Bearer <token>': it is not "
+                              "a Bearer credential")
     token = token.strip()
     if not token:
         raise Unauthenticated("the 'authorization' metadata has an empty bearer token")

@@ -12,6 +12,7 @@ __all__ = [
     "InvalidCiphertextError",
     "KeyUnwrapError",
     "RootKeyConfigError",
+    "RootKeyUnavailableError",
     "UnknownRootKeyError",
 ]
 
@@ -46,3 +47,12 @@ class UnknownRootKeyError(CryptoError):
 
 class RootKeyConfigError(CryptoError):
     """The root key configuration (file, permissions, contents) is unusable."""
+
+
+class RootKeyUnavailableError(RootKeyConfigError):
+    """The device that holds a root key (a PKCS#11 token) failed or went away.
+
+    Not a sign of tampering: the stored data may be fine, and the call can be
+    retried once the device is back (central reports UNAVAILABLE). At startup
+    it stops the process like any other root key configuration error.
+    """

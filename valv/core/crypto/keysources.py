@@ -15,7 +15,9 @@ they wrapped can still be read while an RMK rotation moves it over (e.g. from
 a key file to a token). Left unset, the source is the one that is configured;
 if several are, Valv refuses to guess. With nothing configured at all, the
 development key in the data dir is used (and a loud warning logged by the
-caller). Any misconfiguration is a :class:`RootKeyConfigError`: there is
+caller; central refuses that when authentication is configured, unless told
+otherwise: :func:`configured_sources` says whether anything is configured).
+Any misconfiguration is a :class:`RootKeyConfigError`: there is
 never a fallback to a derived, zero or development key.
 """
 
@@ -43,6 +45,7 @@ __all__ = [
     "LoadedRootKeys",
     "Pkcs11Config",
     "RootKeyConfig",
+    "configured_sources",
     "load_keyring",
 ]
 
@@ -54,20 +57,26 @@ ENV_PKCS11_PIN = "VALV_PKCS11_PIN"
 @dataclass(frozen=True, slots=True)
 class Pkcs11Config:
     """Where the token keys are. The PIN is not here: it is read at load time
-    from ``VALV_PKCS11_PIN`` or from ``pin_file``, never from the command line."""
+    from ``VALV_PKCS11_PIN`` (then removed from the process's environment) or
+    from ``pin_file``, never from the command line."""
 
     module: str | None = None
     token_label: str | None = None
     key_labels: tuple[str, ...] = ()
     pin_file: Path | None = None
+    # Accept keys that were not generated in the token (no CKA_LOCAL,
+    # CKA_ALWAYS_SENSITIVE or CKA_NEVER_EXTRACTABLE), e.g. imported from a
+    # key file: --pkcs11-allow-imported-key.
+    allow_imported_key: bool = False
 
     @classmethod
     def from_flags(cls, module: str | None, token_label: str | None, key_labels: str | None,
-                   pin_file: str | None) -> Pkcs11Config:
+                   pin_file: str | None, *, allow_imported_key: bool = False) -> Pkcs11Config:
         """From flag values; ``key_labels`` comma-separated, oldest first."""
         labels = tuple(x.strip() for x in (key_labels or "").split(",") if x.strip())
         return cls(module=module or None, token_label=token_label or None, key_labels=labels,
-                   pin_file=Path(pin_file) if pin_file else None)
+                   pin_file=Path(pin_file) if pin_file else None,
+                   allow_imported_key=allow_imported_key)
 
     @property
     def configured(self) -> bool:
@@ -89,6 +98,12 @@ class LoadedRootKeys:
     source: str  # "file", "env", "pkcs11" or "dev"
     dev_key_path: Path | None = None  # set when the development key is in use
     dev_key_created: bool = False
+
+
+def configured_sources(config: RootKeyConfig,
+                       environ: Mapping[str, str] | None = None) -> list[str]:
+    """The root key sources ``config`` and the environment configure; empty: the dev key."""
+    return _configured_sources(config, os.environ if environ is None else environ)
 
 
 def _configured_sources(config: RootKeyConfig, environ: Mapping[str, str]) -> list[str]:

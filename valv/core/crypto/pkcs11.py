@@ -22,7 +22,20 @@ never leaves the token; Valv asks the token to compute with it:
 
 The key must allow ``CKA_ENCRYPT``, ``CKA_DECRYPT`` and ``CKA_SIGN`` and must
 be ``CKA_SENSITIVE`` and not ``CKA_EXTRACTABLE``; Valv refuses it otherwise.
-The token must offer ``CKM_AES_GCM`` and ``CKM_AES_CMAC``.
+It must also have been generated in the token and kept secret there ever
+since: ``CKA_LOCAL``, ``CKA_ALWAYS_SENSITIVE`` and ``CKA_NEVER_EXTRACTABLE``.
+A key created from known bytes (``C_CreateObject``) or unwrapped into the
+token has none of them, and is refused unless ``allow_imported_key``
+(``--pkcs11-allow-imported-key``) says it was moved into the token on
+purpose. The token must offer ``CKM_AES_GCM`` and ``CKM_AES_CMAC``.
+
+Errors: a GCM tag that does not verify is tampering (``InvalidTag``, then
+``KeyUnwrapError``: DATA_LOSS). Any other failure of the token is
+:class:`RootKeyUnavailableError` (UNAVAILABLE), never reported as tampering.
+Tokens report a bad tag in different ways, some with codes that also mean a
+device failure (SoftHSM2 says ``CKR_GENERAL_ERROR``); for those Valv asks the
+token to wrap and unwrap a probe with the same key: if that works the data
+was bad, otherwise the token is.
 
 Sessions: one logged-in session per (module, token) per process, shared by
 every key of that token and used under a lock (a PKCS#11 session is not
@@ -35,6 +48,7 @@ as the session's users are open.
 from __future__ import annotations
 
 import hmac
+import logging
 import os
 import stat
 import struct
@@ -48,7 +62,7 @@ from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 from pkcs11 import exceptions as p11
 from pkcs11.mechanisms import GCMParams
 
-from valv.core.crypto.errors import RootKeyConfigError
+from valv.core.crypto.errors import RootKeyConfigError, RootKeyUnavailableError
 from valv.core.crypto.keysources import ENV_PKCS11_PIN, Pkcs11Config
 from valv.core.crypto.rootkey import (
     RMK_ID_INFO,
@@ -69,6 +83,8 @@ __all__ = [
     "open_token_keys",
 ]
 
+log = logging.getLogger("valv.pkcs11")
+
 T = TypeVar("T")
 # A token's secret key object: python-pkcs11 builds its class from mixins at
 # run time (SecretKey + EncryptMixin + SignMixin ...), which no static type names.
@@ -84,16 +100,14 @@ _SESSION_LOST: tuple[type[Exception], ...] = (
     p11.UserNotLoggedIn, p11.ObjectHandleInvalid, p11.KeyHandleInvalid,
     p11.TokenNotRecognised,
 )
-# How tokens report a GCM tag that does not verify. SoftHSM2 says
-# CKR_GENERAL_ERROR, others CKR_ENCRYPTED_DATA_INVALID or CKR_FUNCTION_FAILED.
+# How tokens report a GCM tag that does not verify: codes about the data.
 _BAD_CIPHERTEXT: tuple[type[Exception], ...] = (
-    p11.EncryptedDataInvalid, p11.EncryptedDataLenRange, p11.GeneralError,
-    p11.FunctionFailed, p11.DataInvalid, p11.DataLenRange,
+    p11.EncryptedDataInvalid, p11.EncryptedDataLenRange, p11.DataInvalid, p11.DataLenRange,
 )
-
-
-class RootKeyUnavailableError(RootKeyConfigError):
-    """The token that holds a root key failed or went away while Valv was running."""
+# Codes some tokens use for a bad tag (SoftHSM2: CKR_GENERAL_ERROR) that also
+# mean the token itself failed: a probe tells which (_token_works).
+_BAD_CIPHERTEXT_OR_TOKEN: tuple[type[Exception], ...] = (p11.GeneralError, p11.FunctionFailed)
+_PROBE_AAD = b"valv/pkcs11-probe/v1"
 
 
 def _describe(exc: BaseException) -> str:
@@ -173,6 +187,11 @@ class _TokenConnection:
                         f"PKCS#11 token {self.label!r} no longer has a key labelled {label!r} "
                         f"({what})"
                     ) from None
+                except p11.PKCS11Error as exc:
+                    # The token or its library failed (CKR_DEVICE_ERROR,
+                    # CKR_GENERAL_ERROR...): not a statement about the data.
+                    self._drop()
+                    raise self._unavailable(what, exc) from None
             raise AssertionError("unreachable")
 
     def _unavailable(self, what: str, exc: BaseException) -> RootKeyUnavailableError:
@@ -246,6 +265,10 @@ class _TokenKekCipher:
                                          mechanism_param=params))
             except _BAD_CIPHERTEXT:
                 raise InvalidTag() from None
+            except _BAD_CIPHERTEXT_OR_TOKEN:
+                if _token_works(key):
+                    raise InvalidTag() from None  # the token is fine: the data is not
+                raise  # the token failed: RootKeyUnavailableError (run)
 
         return self._conn.run(self._label, op, "KEK unwrapping")
 
@@ -253,6 +276,18 @@ class _TokenKekCipher:
         if not self._closed:
             self._closed = True
             _release_connection(self._conn)
+
+
+def _token_works(key: _Key) -> bool:
+    """Whether the token still wraps and unwraps a random probe with ``key``."""
+    probe = os.urandom(32)
+    params = GCMParams(os.urandom(12), _PROBE_AAD, GCM_TAG_BITS)
+    try:
+        sealed = bytes(key.encrypt(probe, mechanism=Mechanism.AES_GCM, mechanism_param=params))
+        opened = bytes(key.decrypt(sealed, mechanism=Mechanism.AES_GCM, mechanism_param=params))
+    except p11.PKCS11Error:
+        return False
+    return hmac.compare_digest(opened, probe)
 
 
 class Pkcs11RootKey(RootKeyBase):
@@ -307,8 +342,20 @@ class Pkcs11RootKey(RootKeyBase):
 # -- loading ------------------------------------------------------------------
 
 
+# Whether this process has taken the PIN out of its environment (see _read_pin).
+_pin_taken_from_environ = False
+
+
 def _read_pin(config: Pkcs11Config, environ: Mapping[str, str]) -> str:
+    global _pin_taken_from_environ
     env_pin = environ.get(ENV_PKCS11_PIN)
+    if env_pin is not None and environ is os.environ:
+        # Read once, then gone: child processes don't inherit it and nothing
+        # later in this process finds it in the environment. (The kernel's copy
+        # of the initial environment, /proc/PID/environ, keeps it: a PIN file
+        # avoids that.)
+        os.environ.pop(ENV_PKCS11_PIN, None)
+        _pin_taken_from_environ = True
     if env_pin is not None and config.pin_file is not None:
         raise RootKeyConfigError(
             f"both {ENV_PKCS11_PIN} and --pkcs11-pin-file / VALV_PKCS11_PIN_FILE are set; "
@@ -320,9 +367,12 @@ def _read_pin(config: Pkcs11Config, environ: Mapping[str, str]) -> str:
             raise RootKeyConfigError(f"{ENV_PKCS11_PIN} is set but empty")
         return pin
     if config.pin_file is None:
+        taken = (f" ({ENV_PKCS11_PIN} was removed from this process's environment when it "
+                 "was first read)" if _pin_taken_from_environ else "")
         raise RootKeyConfigError(
             f"the PKCS#11 token PIN is not configured; set {ENV_PKCS11_PIN} or "
             "--pkcs11-pin-file / VALV_PKCS11_PIN_FILE (the PIN is never a command-line flag)"
+            + taken
         )
     path = os.fspath(config.pin_file)
     try:
@@ -442,7 +492,16 @@ def _check_mechanisms(token: pkcs11.Token, module: str) -> None:
         )
 
 
-def _check_key(conn: _TokenConnection, label: str) -> None:
+# Attributes that together say a key was generated in the token and has never
+# been outside it in clear (PKCS#11 sets them; no one can set them to true).
+_ORIGIN_ATTRIBUTES = (
+    (Attribute.LOCAL, "CKA_LOCAL"),
+    (Attribute.ALWAYS_SENSITIVE, "CKA_ALWAYS_SENSITIVE"),
+    (Attribute.NEVER_EXTRACTABLE, "CKA_NEVER_EXTRACTABLE"),
+)
+
+
+def _check_key(conn: _TokenConnection, label: str, *, allow_imported: bool = False) -> None:
     where = f"key {label!r} in PKCS#11 token {conn.label!r}"
     try:
         key = conn.find_key(label)
@@ -462,6 +521,7 @@ def _check_key(conn: _TokenConnection, label: str) -> None:
         flags = {a: bool(key[a]) for a in (Attribute.SENSITIVE, Attribute.EXTRACTABLE,
                                            Attribute.ENCRYPT, Attribute.DECRYPT,
                                            Attribute.SIGN)}
+        origin = {name: _flag(key, attribute) for attribute, name in _ORIGIN_ATTRIBUTES}
     except p11.PKCS11Error as exc:
         raise RootKeyConfigError(f"cannot read the attributes of {where}: {_describe(exc)}"
                                  ) from None
@@ -472,12 +532,36 @@ def _check_key(conn: _TokenConnection, label: str) -> None:
         raise RootKeyConfigError(
             f"{where} can leave the token (CKA_EXTRACTABLE or not CKA_SENSITIVE); a root key "
             "must be sensitive and non-extractable")
+    unproven = [name for name, value in origin.items() if value is not True]
+    if unproven:
+        if not allow_imported:
+            raise RootKeyConfigError(
+                f"{where} was not generated in the token and kept secret there ever since "
+                f"(not {', '.join(unproven)}): its value may exist outside the token, e.g. "
+                "if it was imported in clear. Create the root key in the token with `valv rmk "
+                "pkcs11-keygen`, or, for a key you deliberately moved into the token, pass "
+                "--pkcs11-allow-imported-key (VALV_PKCS11_ALLOW_IMPORTED_KEY=1)")
+        log.warning(
+            "PKCS#11 root key %r in token %r was not generated in the token (not %s); "
+            "accepted because --pkcs11-allow-imported-key is set: whoever held its value "
+            "outside the token can decrypt every key it protects",
+            label, conn.label, ", ".join(unproven),
+            extra={"fields": {"key_label": label, "token": conn.label,
+                              "not_set": unproven}})
     lacking = [a.name for a in (Attribute.ENCRYPT, Attribute.DECRYPT, Attribute.SIGN)
                if not flags[a]]
     if lacking:
         raise RootKeyConfigError(
             f"{where} does not allow {', '.join(lacking)}; Valv needs encrypt and decrypt "
             "(AES-GCM wrapping) and sign (AES-CMAC key derivation)")
+
+
+def _flag(key: _Key, attribute: Attribute) -> bool | None:
+    """A boolean attribute of ``key``; None if the token does not report it."""
+    try:
+        return bool(key[attribute])
+    except (p11.AttributeTypeInvalid, p11.AttributeSensitive):
+        return None
 
 
 def open_token_keys(config: Pkcs11Config,
@@ -491,7 +575,7 @@ def open_token_keys(config: Pkcs11Config,
     keys: list[Pkcs11RootKey] = []
     try:
         for label in labels:
-            _check_key(conn, label)
+            _check_key(conn, label, allow_imported=config.allow_imported_key)
             with _connections_lock:
                 conn.refs += 1
             try:

@@ -235,8 +235,13 @@ class SqliteStore(Store):
     # -- Store -------------------------------------------------------------
 
     async def run(self, body: Callable[[Transaction], T], *, read_only: bool = False) -> T:
-        # If the awaiting task is cancelled, the body still runs to its end in
-        # the worker and may commit: cancellation cannot reach into SQLite.
+        # If the awaiting task is cancelled, what happens depends on where the
+        # body is: still queued for a worker (all workers busy), it is dropped
+        # and never runs; already running, it runs to its end and may commit
+        # (cancellation cannot reach into SQLite). So the caller can't tell which,
+        # and work that must happen whatever becomes of the caller is run as a
+        # task of its own and awaited through asyncio.shield (KeyStore._change,
+        # the audit writes).
         return await self._call(self._run_sync, body, read_only)
 
     async def close(self) -> None:
