@@ -181,7 +181,8 @@ class CentralServer:
         # Every change appends its audit record in its own transaction; calls
         # report denials, failures and data access when they end.
         self.auditor = CentralAuditor(AuditLog(self._store, self.clock), self.clock,
-                                      data_access=config.audit_data_access)
+                                      data_access=config.audit_data_access,
+                                      flush_interval_s=config.audit_flush_interval_s)
         self.keystore.change_hook = self.auditor.change_hook
         self.calls.auditor = self.auditor
         # IAM policies inherit root -> key ring -> crypto key; the Authorizer
@@ -260,6 +261,10 @@ class CentralServer:
             self._audit_stop.set()
             await self._audit_task
             self._audit_task = None
+        if self.auditor is not None:
+            # Records still being written and refusal counts (any mode), before
+            # the store closes.
+            await self.auditor.close()
         self._servers.clear()
         if self._store is not None:
             await self._store.close()

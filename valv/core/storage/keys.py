@@ -20,6 +20,8 @@ key                                                          value
 ("ix", index name, ...)                                      secondary indexes
 ("audit", seq:int)                                           AuditRecord (valv.core.audit)
 ("audit-head",)                                              AuditHead: the audit chain's end
+("audit-genesis",)                                           the log's birth: creation time and
+                                                             first hash (a deleted log is detected)
 ("meta", ...)                                                store metadata
 ===========================================================  ==================================
 
