@@ -331,11 +331,74 @@ def _run_central(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_sidecar(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "sidecar", help="run the local sidecar (preview: forwards every call to central)",
+        description="Run a Valv sidecar: a Cloud KMS v1 compatible endpoint on loopback (and "
+                    "optionally a unix socket) that forwards every call to central with the "
+                    "sidecar's own credentials, so local callers act with its identity. Every "
+                    "flag can also be set with the environment variable shown.")
+    env_flag(p, "--central", "VALV_CENTRAL", help="central's address HOST:PORT (required)")
+    env_flag(p, "--addr", "VALV_ADDR", default="127.0.0.1:50052",
+             help="loopback TCP listen address HOST:PORT (port 0 picks a free port); a "
+                  "non-loopback address is refused")
+    env_flag(p, "--unix-socket", "VALV_UNIX_SOCKET",
+             help="also listen on this unix socket path (created mode 0600)")
+    env_flag(p, "--token-file", "VALV_TOKEN_FILE",
+             help="file holding the sidecar's bearer token for central (e.g. a projected "
+                  "Kubernetes service-account token); re-read when it changes")
+    env_flag(p, "--central-ca-file", "VALV_CENTRAL_CA_FILE",
+             help="use TLS to central, trusting this PEM CA (TLS with the system CAs if only "
+                  "--client-cert-file is set)")
+    env_flag(p, "--client-cert-file", "VALV_CLIENT_CERT_FILE",
+             help="PEM client certificate presented to central (mTLS)")
+    env_flag(p, "--client-key-file", "VALV_CLIENT_KEY_FILE",
+             help="the PEM private key of --client-cert-file")
+    env_flag(p, "--log-level", "VALV_LOG_LEVEL", default="info",
+             help="log verbosity: debug, info, warning, error")
+    env_flag(p, "--ready-file", "VALV_READY_FILE",
+             help="write {addr, unix_socket, pid} as JSON here once serving")
+    p.set_defaults(func=_run_sidecar)
+
+
+def _run_sidecar(args: argparse.Namespace) -> int:
+    from valv.logs import setup_logging
+    from valv.sidecar.server import SidecarConfig, SidecarServer, run_sidecar
+
+    def path(value: str | None) -> Path | None:
+        return Path(value) if value else None
+
+    try:
+        setup_logging(args.log_level)
+        if not args.central:
+            raise ValueError("--central (VALV_CENTRAL) is required")
+        central_host, central_port = parse_address(args.central)
+        host, port = parse_address(args.addr)
+        config = SidecarConfig(
+            central_host=central_host, central_port=central_port, host=host, port=port,
+            unix_socket=path(args.unix_socket), token_file=path(args.token_file),
+            central_ca_file=path(args.central_ca_file),
+            client_cert_file=path(args.client_cert_file),
+            client_key_file=path(args.client_key_file),
+            ready_file=path(args.ready_file))
+        SidecarServer(config)  # checks the addresses, token file and TLS files now
+    except (argparse.ArgumentTypeError, ValueError, OSError) as exc:
+        print(f"valv sidecar: error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        asyncio.run(run_sidecar(config))
+    except (OSError, ValueError) as exc:
+        print(f"valv sidecar: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="valv", description="Valv: a self-hosted, Cloud KMS compatible key manager")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_central(sub)
+    _add_sidecar(sub)
     _add_fsck(sub)
     from valv import auditcli, bench
 
