@@ -26,6 +26,7 @@ from valv.central.service import (
     OperationsService,
 )
 from valv.core.audit import DEFAULT_FLUSH_INTERVAL_S, AuditLog, DataAccessMode
+from valv.core.changelog import DEFAULT_POLL_INTERVAL_S, ChangeFollower
 from valv.core.clock import Clock, FileClock, SystemClock
 from valv.core.crypto.errors import RootKeyConfigError
 from valv.core.crypto.keysources import (
@@ -86,6 +87,9 @@ class CentralConfig:
     # often aggregated counts are written.
     audit_data_access: DataAccessMode = DataAccessMode.AGGREGATE
     audit_flush_interval_s: float = DEFAULT_FLUSH_INTERVAL_S
+    # How often the change log is polled for changes made through other
+    # centrals (valv.core.changelog); they reach this one's caches that fast.
+    changelog_poll_interval_s: float = DEFAULT_POLL_INTERVAL_S
     # Caller authentication and TLS; the default is dev mode (everyone is user:dev).
     auth: AuthSettings = field(default_factory=AuthSettings)
 
@@ -165,6 +169,8 @@ class CentralServer:
         self.auditor: CentralAuditor | None = None
         self._audit_stop = asyncio.Event()
         self._audit_task: asyncio.Task[None] | None = None
+        self._follower_stop = asyncio.Event()
+        self._follower_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         config = self.config
@@ -194,6 +200,17 @@ class CentralServer:
         if self.authentication.mode != "dev" and not self.iam.root.bindings:
             log.warning("no root IAM policy: no caller can create key rings or set the first "
                         "policy; set --root-policy-file (docs/security.md, Authorization)")
+        # Changes made through other centrals sharing the store drop this
+        # one's cached key state and policies (valv.core.changelog). Starts at
+        # the current head, before serving: the caches are empty now.
+        follower = ChangeFollower(self._store, self.clock, [self.keystore, self.iam],
+                                  poll_interval_s=config.changelog_poll_interval_s)
+        try:
+            await follower.start()
+        except Exception as exc:  # e.g. an unreadable head: calls report it; run() retries
+            log.error("could not read the change log head; retrying in the background",
+                      extra={"fields": {"error": str(exc)}})
+        self._follower_task = asyncio.create_task(follower.run(self._follower_stop))
         # grpclib captures the running loop when a Server is built: build here.
         handlers: list[IServable] = [KeyManagementService(self.keystore, self.calls),
                                      LocationsService(self.keystore, self.calls),
@@ -256,6 +273,10 @@ class CentralServer:
             self._scheduler_stop.set()
             await self._scheduler_task
             self._scheduler_task = None
+        if self._follower_task is not None:
+            self._follower_stop.set()
+            await self._follower_task
+            self._follower_task = None
         if self._audit_task is not None:
             # Writes the data-access counts still in memory, then stops.
             self._audit_stop.set()

@@ -12,6 +12,8 @@ half-done:
 - the rotation and destruction indexes hold exactly one entry per record
   that is due, at the record's due time, and nothing else;
 - the per-parent counters behind List's total_size match the records;
+- the change log holds exactly the seqs from its head's first_seq to its
+  last_seq, each entry under its own seq;
 - every record unseals and decodes.
 
 It reads the keyspace in one read-only transaction, so it sees one instant.
@@ -19,7 +21,7 @@ It reads the keyspace in one read-only transaction, so it sees one instant.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from valv.core import records
@@ -145,7 +147,35 @@ def check_body(tr: Transaction) -> list[Problem]:
         problem(key, "missing due index entry")
     for key in sorted(found_due - expected_due):
         problem(key, "orphaned due index entry")
+    _check_change_log(tr, problem)
     return problems
+
+
+def _check_change_log(tr: Transaction, problem: Callable[[bytes, str], None]) -> None:
+    try:
+        last_seq, first_seq = records.decode_change_head(tr.get(records.CHANGE_HEAD_KEY))
+    except Exception as exc:
+        problem(records.CHANGE_HEAD_KEY, f"does not decode: {exc}")
+        return
+    expected = first_seq
+    for key, value in _scan(tr, "log"):
+        seq = records.seq_of_change_key(key)
+        try:
+            record = records.decode_change(key, value)
+        except Exception as exc:
+            problem(key, f"does not decode: {exc}")
+        else:
+            if record.seq != seq:
+                problem(key, f"change log entry says seq {record.seq}")
+        if seq < first_seq or seq > last_seq:
+            problem(key, f"change log entry outside the head's range {first_seq}..{last_seq}")
+            continue
+        if seq != expected:
+            problem(key, f"change log gap: seqs {expected}..{seq - 1} are missing")
+        expected = seq + 1
+    if expected <= last_seq:
+        problem(records.CHANGE_HEAD_KEY,
+                f"change log gap: seqs {expected}..{last_seq} are missing")
 
 
 async def check(store: Store) -> list[Problem]:

@@ -25,8 +25,8 @@ stale read-modify-write is refused (ABORTED).
 Evaluation is on the hot path (every Encrypt and Decrypt), so compiled
 policies are cached for a short TTL. A policy set through this process
 invalidates its entry when the write finishes; one set through another
-central sharing the store is seen within the TTL (the same bound as the key
-use cache, valv.core.usecache).
+central sharing the store reaches this one through the change log
+(valv.core.changelog) within its poll interval, and within the TTL at worst.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ from typing import Any, TypeAlias
 from cachetools import TTLCache
 
 from valv._proto.valv.iam import v1 as pb
-from valv.core import records
+from valv.core import changelog, records
 from valv.core.clock import Clock, to_micros
 from valv.core.errors import Aborted, DataLoss, InvalidArgument, NotFound
 from valv.core.keystore import KeyStore
@@ -510,6 +510,13 @@ class PolicyCache:
                 self._forgotten = max(self._forgotten, dropped)
             self._entries.pop(resource, None)
 
+    def clear(self) -> None:
+        """Drop every entry, and refuse loads that began before now."""
+        with self._lock:
+            self._counter += 1
+            self._forgotten = self._counter
+            self._entries.clear()
+
 
 class IamPolicies:
     """Policies of KeyRings and CryptoKeys: the IAM mixin's storage, and evaluation."""
@@ -571,9 +578,21 @@ class IamPolicies:
 
         # Drop the cached policy once the transaction has finished, even if
         # this call is cancelled meanwhile (it may still commit).
-        operation = asyncio.ensure_future(self._keystore._change(None, body))
+        operation = asyncio.ensure_future(self._keystore._change(
+            None, body, lambda _: [(changelog.IAM, str(resource))]))
         operation.add_done_callback(lambda _: self._cache.invalidate(str(resource)))
         return await asyncio.shield(operation)
+
+    # ---- the change log's listener (valv.core.changelog.ChangeFollower) ----------
+
+    def changed(self, change: changelog.Change) -> None:
+        """A policy set (possibly through another central): drop its cached copy."""
+        if change.kind == changelog.IAM:
+            self._cache.invalidate(change.resource)
+
+    def reset(self) -> None:
+        """Changes were missed: drop every cached policy."""
+        self._cache.clear()
 
     # ---- evaluation ------------------------------------------------------------
 

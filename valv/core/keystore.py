@@ -21,7 +21,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 import google_crc32c
 
-from valv.core import records
+from valv.core import changelog, records
 from valv.core.calls import CallContext, current_call
 from valv.core.clock import Clock, to_micros
 from valv.core.crypto import ciphertext as ciphertext_format
@@ -233,7 +233,7 @@ class KeyStore:
                                            to_micros(ring.create_time), key_ring_id), key)
             return ring
 
-        return await self._change(None, body)
+        return await self._change(None, body, lambda _: [(changelog.KEY_RING, str(ring.name))])
 
     async def get_key_ring(self, name: str) -> KeyRing:
         ring_name = parse_key_ring(name)
@@ -294,7 +294,7 @@ class KeyStore:
                 crypto_key_id), key)
             return self._resolve(tr, state)
 
-        return await self._change(name, body)
+        return await self._change(name, body, _key_changed(name))
 
     def _validate_new_key(self, name: CryptoKeyName, spec: NewCryptoKey,
                           now: datetime) -> CryptoKey:
@@ -540,7 +540,7 @@ class KeyStore:
             self._write_key(tr, state, before=key)
             return self._resolve(tr, state)
 
-        return await self._change(key_name, body)
+        return await self._change(key_name, body, _key_changed(key_name))
 
     # ---- versions ----------------------------------------------------------------
 
@@ -554,7 +554,7 @@ class KeyStore:
             self._write_key(tr, state, before=state.key)
             return version
 
-        return await self._change(key_name, body)
+        return await self._change(key_name, body, _version_changed)
 
     async def get_crypto_key_version(self, name: str) -> CryptoKeyVersion:
         version_name = parse_crypto_key_version(name)
@@ -623,7 +623,7 @@ class KeyStore:
             self._write_version(tr, updated, before=version)
             return updated
 
-        return await self._change(version_name.parent, body)
+        return await self._change(version_name.parent, body, _version_changed)
 
     async def update_primary_version(self, name: str, version_id: str) -> CryptoKey:
         key_name = parse_crypto_key(name)
@@ -644,7 +644,7 @@ class KeyStore:
             self._write_key(tr, state, before=state.key)
             return replace(state.key, primary=version)
 
-        return await self._change(key_name, body)
+        return await self._change(key_name, body, _key_changed(key_name))
 
     async def destroy_crypto_key_version(self, name: str) -> CryptoKeyVersion:
         version_name = parse_crypto_key_version(name)
@@ -663,7 +663,7 @@ class KeyStore:
             self._write_version(tr, updated, before=version)
             return updated
 
-        return await self._change(version_name.parent, body)
+        return await self._change(version_name.parent, body, _version_changed)
 
     async def restore_crypto_key_version(self, name: str) -> CryptoKeyVersion:
         version_name = parse_crypto_key_version(name)
@@ -680,7 +680,7 @@ class KeyStore:
             self._write_version(tr, updated, before=version)
             return updated
 
-        return await self._change(version_name.parent, body)
+        return await self._change(version_name.parent, body, _version_changed)
 
     # ---- lifecycle: automatic rotation and destruction ----------------------------
 
@@ -706,11 +706,14 @@ class KeyStore:
         """
         name = records.name_from_due_key(entry)
         if isinstance(name, CryptoKeyVersionName):
-            outcome = await self._change(name.parent, lambda tr: self._destroy_due(tr, entry, name))
+            outcome = await self._change(name.parent,
+                                         lambda tr: self._destroy_due(tr, entry, name),
+                                         _due_changed)
             if outcome.version is not None:
                 self._codec.cache.evict_version(str(name.parent), name.version)
             return outcome
-        return await self._change(name, lambda tr: self._rotate_due(tr, entry, name))
+        return await self._change(name, lambda tr: self._rotate_due(tr, entry, name),
+                                  _due_changed)
 
     def _rotate_due(self, tr: Transaction, entry: bytes, name: CryptoKeyName) -> DueOutcome:
         if tr.get(entry) is None:
@@ -880,8 +883,14 @@ class KeyStore:
             usable.kek.zeroize()
 
     async def _change(self, key_name: CryptoKeyName | None,
-                      body: Callable[[Transaction], T]) -> T:
+                      body: Callable[[Transaction], T],
+                      changed: Callable[[T], Iterable[tuple[str, str]]]) -> T:
         """Run a transaction that changes ``key_name``, then drop its cached use state.
+
+        ``changed`` names what the change did, as (kind, resource) pairs for the
+        change log (valv.core.changelog), from the body's result; each pair is
+        appended in the same transaction, so a committed change always has its
+        entries and a failed one never does.
 
         The invalidation is tied to the transaction finishing, not to this
         coroutine: if the caller is cancelled (deadline, disconnect) the
@@ -890,15 +899,17 @@ class KeyStore:
         failure, when the commit outcome may be unknown.
         """
         hook, call = self.change_hook, current_call.get()
-        if hook is not None:
-            change = body
+        change, now_us = body, to_micros(self._clock.now())
 
-            def body(tr: Transaction) -> T:
-                result = change(tr)
+        def logged(tr: Transaction) -> T:
+            result = change(tr)
+            for kind, resource in changed(result):
+                changelog.append(tr, now_us, kind, resource)
+            if hook is not None:
                 hook(tr, call, result)  # e.g. the audit record, in the change's own transaction
-                return result
+            return result
 
-        operation = asyncio.ensure_future(self._store.run(body))
+        operation = asyncio.ensure_future(self._store.run(logged))
         cache_key = str(key_name) if key_name is not None else None
 
         def finished(done: asyncio.Future[T]) -> None:
@@ -909,6 +920,19 @@ class KeyStore:
 
         operation.add_done_callback(finished)
         return await asyncio.shield(operation)
+
+    # ---- the change log's listener (valv.core.changelog.ChangeFollower) ----------
+
+    def changed(self, change: changelog.Change) -> None:
+        """A change (possibly through another central): drop the key's cached use state."""
+        if change.kind == changelog.CRYPTO_KEY:
+            self._use_cache.invalidate(change.resource)
+        elif change.kind == changelog.VERSION:
+            self._use_cache.invalidate(change.resource.rsplit("/cryptoKeyVersions/", 1)[0])
+
+    def reset(self) -> None:
+        """Changes were missed: drop every cached use state."""
+        self._use_cache.clear()
 
     def _load_material(self, tr: Transaction,
                        name: CryptoKeyVersionName) -> tuple[str, bytes]:
@@ -1033,6 +1057,24 @@ def _scan(tr: Transaction, key_range: tuple[bytes, bytes], order: Order,
             end = chunk[-1][0]
         else:
             begin = chunk[-1][0] + b"\x00"
+
+
+def _key_changed(name: CryptoKeyName) -> Callable[[object], list[tuple[str, str]]]:
+    return lambda _: [(changelog.CRYPTO_KEY, str(name))]
+
+
+def _version_changed(version: CryptoKeyVersion) -> list[tuple[str, str]]:
+    return [(changelog.VERSION, str(version.name))]
+
+
+def _due_changed(outcome: DueOutcome) -> list[tuple[str, str]]:
+    """A rotation changes the key and adds a version; a destruction changes the version."""
+    if outcome.version is None:
+        return []  # nothing changed (already applied, not due, a stale entry removed)
+    if isinstance(outcome.name, CryptoKeyName):
+        return [(changelog.VERSION, str(outcome.version.name)),
+                (changelog.CRYPTO_KEY, str(outcome.name))]
+    return [(changelog.VERSION, str(outcome.version.name))]
 
 
 def _note_used_version(name: CryptoKeyVersionName) -> None:

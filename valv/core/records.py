@@ -12,9 +12,13 @@ Keyspace (tuples packed with fdb.tuple; see valv.core.storage.keys):
     ("ix", "due", "rotate", due_us:int, p, l, ring, key)  CryptoKey due for rotation
     ("ix", "due", "destroy", due_us:int, p, l, ring, key, version:int)
                                                            version due for destruction
+    ("log", seq:int)                                      ChangeRecord: the change log
+    ("log-head",)                                         ChangeLogHead: last and first seq
 
 Index entries are written in the same transaction as the record they point
-to (see KeyStore._write_key / _write_version), so they can't drift.
+to (see KeyStore._write_key / _write_version), so they can't drift. So is the
+change log entry of every change (KeyStore._change, valv.core.changelog):
+seqs are gap-free from the head's first_seq to its last_seq.
 
 Every record is a protobuf message (valv.storage.v1) with a schema version.
 Values are sealed by the storage layer, so nothing here is secret-aware.
@@ -116,6 +120,27 @@ def name_from_due_key(key: bytes) -> CryptoKeyName | CryptoKeyVersionName:
     if parts[2] == ROTATE:
         return CryptoKeyName(*parts[4:8])
     return CryptoKeyVersionName(*parts[4:9])
+
+
+def change_key(seq: int) -> bytes:
+    return pack("log", seq)
+
+
+def changes_range(first_seq: int, end_seq: int | None = None) -> tuple[bytes, bytes]:
+    """Change log entries from ``first_seq`` up to (not including) ``end_seq``."""
+    _, end = range_of("log")
+    return pack("log", first_seq), end if end_seq is None else pack("log", end_seq)
+
+
+def all_changes_range() -> tuple[bytes, bytes]:
+    return range_of("log")
+
+
+CHANGE_HEAD_KEY = pack("log-head")
+
+
+def seq_of_change_key(key: bytes) -> int:
+    return int(unpack(key)[1])
 
 
 # ---- values -----------------------------------------------------------------
@@ -245,6 +270,28 @@ def encode_material(rmk_id: str, wrapped_key: bytes) -> bytes:
 def decode_material(key: bytes, value: bytes) -> tuple[str, bytes]:
     record = _parse(pb.KeyMaterialRecord, key, value)
     return record.rmk_id, record.wrapped_key
+
+
+def encode_change(seq: int, time_us: int, kind: str, resource: str) -> bytes:
+    return bytes(pb.ChangeRecord(schema_version=SCHEMA_VERSION, seq=seq, time_us=time_us,
+                                 kind=kind, resource=resource))
+
+
+def decode_change(key: bytes, value: bytes) -> Any:
+    return _parse(pb.ChangeRecord, key, value)
+
+
+def encode_change_head(last_seq: int, first_seq: int) -> bytes:
+    return bytes(pb.ChangeLogHead(schema_version=SCHEMA_VERSION, last_seq=last_seq,
+                                  first_seq=first_seq))
+
+
+def decode_change_head(value: bytes | None) -> tuple[int, int]:
+    """(last_seq, first_seq) of the change log; (0, 1) when it is empty and new."""
+    if value is None:
+        return 0, 1
+    head = _parse(pb.ChangeLogHead, CHANGE_HEAD_KEY, value)
+    return int(head.last_seq), int(head.first_seq)
 
 
 def _duration_micros(delta: timedelta) -> int:

@@ -4,6 +4,8 @@
 # This file has been @generated
 
 __all__ = (
+    "ChangeLogHead",
+    "ChangeRecord",
     "CountRecord",
     "CryptoKeyRecord",
     "CryptoKeyVersionRecord",
@@ -19,6 +21,51 @@ from ....message_pool import default_message_pool
 
 _COMPILER_VERSION = "0.10.1"
 betterproto2.check_compiler_version(_COMPILER_VERSION)
+
+
+@dataclass(eq=False, repr=False)
+class ChangeLogHead(betterproto2.Message):
+    """
+    ("log-head",): the last seq handed out, and the oldest one still retained.
+    """
+
+    schema_version: "int" = betterproto2.field(1, betterproto2.TYPE_UINT32)
+
+    last_seq: "int" = betterproto2.field(2, betterproto2.TYPE_UINT64)
+
+    first_seq: "int" = betterproto2.field(3, betterproto2.TYPE_UINT64)
+
+
+default_message_pool.register_message("valv.storage.v1", "ChangeLogHead", ChangeLogHead)
+
+
+@dataclass(eq=False, repr=False)
+class ChangeRecord(betterproto2.Message):
+    """
+    One entry of the change log ("log", seq): what changed, written in the same
+    transaction as the change, so every central (and later every sidecar watch)
+    can follow changes made through any central. See valv.core.changelog.
+    """
+
+    schema_version: "int" = betterproto2.field(1, betterproto2.TYPE_UINT32)
+
+    seq: "int" = betterproto2.field(2, betterproto2.TYPE_UINT64)
+
+    time_us: "int" = betterproto2.field(3, betterproto2.TYPE_INT64)
+
+    kind: "str" = betterproto2.field(4, betterproto2.TYPE_STRING)
+    """
+    "crypto_key", "version", "iam", "key_ring".
+    """
+
+    resource: "str" = betterproto2.field(5, betterproto2.TYPE_STRING)
+    """
+    The resource name: a CryptoKey for "crypto_key", a CryptoKeyVersion for
+    "version", the policy's resource for "iam".
+    """
+
+
+default_message_pool.register_message("valv.storage.v1", "ChangeRecord", ChangeRecord)
 
 
 @dataclass(eq=False, repr=False)

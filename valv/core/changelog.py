@@ -1,0 +1,230 @@
+"""The change log: every change, in order, for every central to follow.
+
+Each change (KeyStore._change: key and version changes, the scheduler's
+rotations and destructions, IAM policies) appends one entry in its own
+transaction, so a committed change always has its entry and an uncommitted
+one never does:
+
+    ("log", seq:int)   ChangeRecord {seq, time_us, kind, resource}
+    ("log-head",)      ChangeLogHead {last_seq, first_seq}
+
+Seqs are gap-free: each append reads the head, writes ``last_seq + 1`` and
+moves the head, in the change's transaction (serializable, so concurrent
+changes get distinct, consecutive seqs). On SQLite writers are serialized
+anyway; on FoundationDB every change would conflict on the head, which a
+versionstamped key can replace with the FDB backend (readers only need the
+order, and ``read_since`` hides how seqs are made).
+
+Kinds: ``crypto_key`` (the key record changed: primary, rotation, template,
+labels; resource: the key), ``version`` (a version was created or changed
+state, was destroyed or restored; resource: the version), ``iam`` (a policy
+was set; resource: the KeyRing or CryptoKey), ``key_ring`` (created).
+
+Every central runs a ChangeFollower: it polls for entries after the last seq
+it has seen and drops what it caches about each changed resource, so a change
+through another central reaches it within the poll interval instead of the
+cache TTL. ``read_since`` is the same read for the sidecar Watch stream.
+
+Retention: entries older than RETENTION (1 hour) are trimmed, a bounded batch
+per transaction, by every follower (any number may race: each batch re-reads
+the head). A reader that asks for seqs already trimmed gets ``gap=True`` and
+must revalidate everything it holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Protocol
+
+from valv.core import records
+from valv.core.clock import Clock, to_micros
+from valv.core.storage.base import Store, Transaction
+
+log = logging.getLogger("valv.changelog")
+
+CRYPTO_KEY = "crypto_key"
+VERSION = "version"
+IAM = "iam"
+KEY_RING = "key_ring"
+
+RETENTION = timedelta(hours=1)
+DEFAULT_POLL_INTERVAL_S = 0.2
+READ_LIMIT = 1000
+TRIM_BATCH = 1000
+TRIM_INTERVAL_S = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    seq: int
+    time_us: int
+    kind: str
+    resource: str
+
+
+@dataclass(frozen=True, slots=True)
+class ChangeBatch:
+    """What ``read_since`` found: ``changes`` in seq order, and the seq to resume after.
+
+    ``gap``: entries after the requested seq were trimmed (or the log is behind
+    it, e.g. a restored backup), so the reader missed changes and must
+    revalidate everything; ``changes`` then starts at the oldest retained one.
+    """
+
+    changes: list[Change] = field(default_factory=list)
+    last_seq: int = 0
+    gap: bool = False
+
+
+def append(tr: Transaction, now_us: int, kind: str, resource: str) -> int:
+    """Append one entry in ``tr``, the change's own transaction; its seq."""
+    last_seq, first_seq = records.decode_change_head(tr.get(records.CHANGE_HEAD_KEY))
+    seq = last_seq + 1
+    tr.set(records.change_key(seq), records.encode_change(seq, now_us, kind, resource))
+    tr.set(records.CHANGE_HEAD_KEY, records.encode_change_head(seq, first_seq))
+    return seq
+
+
+def _decode(key: bytes, value: bytes) -> Change:
+    record = records.decode_change(key, value)
+    return Change(int(record.seq), int(record.time_us), record.kind, record.resource)
+
+
+def read_since_body(tr: Transaction, seq: int, limit: int) -> ChangeBatch:
+    last_seq, first_seq = records.decode_change_head(tr.get(records.CHANGE_HEAD_KEY))
+    gap = seq + 1 < first_seq or seq > last_seq
+    start = first_seq if gap else seq + 1
+    if start > last_seq:
+        return ChangeBatch([], last_seq, gap)
+    begin, end = records.changes_range(start, last_seq + 1)
+    changes = [_decode(key, value) for key, value in tr.get_range(begin, end, limit=limit)]
+    resume = changes[-1].seq if changes else last_seq
+    return ChangeBatch(changes, resume, gap)
+
+
+async def read_since(store: Store, seq: int, limit: int = READ_LIMIT) -> ChangeBatch:
+    """Entries after ``seq``, at most ``limit``, in one read-only transaction."""
+    return await store.run(lambda tr: read_since_body(tr, seq, limit), read_only=True)
+
+
+async def head(store: Store) -> int:
+    """The last seq handed out (0: none yet)."""
+    def body(tr: Transaction) -> int:
+        return records.decode_change_head(tr.get(records.CHANGE_HEAD_KEY))[0]
+
+    return await store.run(body, read_only=True)
+
+
+async def trim(store: Store, clock: Clock, retention: timedelta = RETENTION,
+               batch: int = TRIM_BATCH) -> int:
+    """Remove entries older than ``retention``, ``batch`` per transaction; how many."""
+    cutoff_us = to_micros(clock.now() - retention)
+
+    def body(tr: Transaction) -> int:
+        raw = tr.get(records.CHANGE_HEAD_KEY)
+        last_seq, first_seq = records.decode_change_head(raw)
+        begin, end = records.changes_range(first_seq, last_seq + 1)
+        removed = 0
+        for key, value in tr.get_range(begin, end, limit=batch):
+            if _decode(key, value).time_us >= cutoff_us:
+                break
+            tr.clear(key)
+            removed += 1
+        if removed:
+            tr.set(records.CHANGE_HEAD_KEY,
+                   records.encode_change_head(last_seq, first_seq + removed))
+        return removed
+
+    total = 0
+    while True:
+        removed = await store.run(body)
+        total += removed
+        if removed < batch:
+            return total
+
+
+class ChangeListener(Protocol):
+    """What a follower tells: ``changed`` for each entry, ``reset`` after a gap."""
+
+    def changed(self, change: Change) -> None: ...
+
+    def reset(self) -> None: ...
+
+
+class ChangeFollower:
+    """Follows the change log and tells ``listeners`` (caches) what changed."""
+
+    def __init__(self, store: Store, clock: Clock, listeners: Sequence[ChangeListener], *,
+                 poll_interval_s: float = DEFAULT_POLL_INTERVAL_S,
+                 retention: timedelta = RETENTION,
+                 trim_interval_s: float = TRIM_INTERVAL_S) -> None:
+        if poll_interval_s <= 0:
+            raise ValueError("the change log poll interval must be positive")
+        self._store = store
+        self._clock = clock
+        self._listeners = list(listeners)
+        self.poll_interval_s = poll_interval_s
+        self._retention = retention
+        self._trim_interval_s = trim_interval_s
+        # The last seq seen; None until start() (or the first poll) reads the head.
+        self.seen: int | None = None
+
+    async def start(self) -> None:
+        """Begin at the current head: caches start empty, so older changes don't matter."""
+        self.seen = await head(self._store)
+
+    async def poll(self) -> int:
+        """Read and apply everything new; how many entries were applied."""
+        if self.seen is None:
+            # start() failed (e.g. the head is unreadable): begin now, and drop
+            # whatever was cached meanwhile, as after a gap.
+            await self.start()
+            for listener in self._listeners:
+                listener.reset()
+        applied = 0
+        while True:
+            assert self.seen is not None
+            batch = await read_since(self._store, self.seen)
+            if batch.gap:
+                log.warning("change log entries were missed (trimmed, or the store went "
+                            "back); dropping every cached key state and policy",
+                            extra={"fields": {"seen": self.seen, "resume": batch.last_seq}})
+                for listener in self._listeners:
+                    listener.reset()
+            for change in batch.changes:
+                for listener in self._listeners:
+                    listener.changed(change)
+            applied += len(batch.changes)
+            self.seen = batch.last_seq
+            if len(batch.changes) < READ_LIMIT:
+                return applied
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Poll every ``poll_interval_s`` (and trim now and then) until ``stop`` is set."""
+        loop = asyncio.get_running_loop()
+        next_trim = loop.time()
+        failing = False
+        while not stop.is_set():
+            try:
+                await self.poll()
+                failing = False
+            except Exception:
+                if not failing:  # once per failure streak, not every poll
+                    log.exception("change log poll failed; retrying every %.1f s (changes "
+                                  "through other centrals arrive within the cache TTL "
+                                  "meanwhile)", self.poll_interval_s)
+                failing = True
+            if loop.time() >= next_trim:
+                next_trim = loop.time() + self._trim_interval_s
+                try:
+                    await trim(self._store, self._clock, self._retention)
+                except Exception:
+                    log.exception("change log trim failed; retrying later")
+            try:
+                await asyncio.wait_for(stop.wait(), self.poll_interval_s)
+            except TimeoutError:
+                pass
