@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# Set up everything Valv needs on a fresh machine, then run it.
+# Set up everything Valv needs on a fresh machine, then run it: central on
+# 127.0.0.1:50051 and a sidecar on 127.0.0.1:50052 that forwards to it.
 #
-#   ./run.sh                 central on 127.0.0.1:50051 with the embedded store
-#   ./run.sh --addr ...      any `valv central` flag is passed through
+#   ./run.sh                 central + sidecar, embedded store in ./valv-data
+#   ./run.sh --log-level debug   extra arguments go to `valv central`
 #
-# First start creates ./valv-data with a development root key (mode 0600)
-# and warns loudly about it. The sidecar arrives with its own issue; until
-# then this runs central alone.
+# VALV_CENTRAL_ADDR / VALV_SIDECAR_ADDR change the two addresses. First start
+# creates ./valv-data with a development root key (mode 0600) and warns
+# loudly about it. Ctrl-C stops both.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 
@@ -21,5 +22,32 @@ if [[ ! -f .venv/.valv-installed ]] || [[ pyproject.toml -nt .venv/.valv-install
 fi
 
 export VALV_DATA_DIR="${VALV_DATA_DIR:-$PWD/valv-data}"
-export VALV_ADDR="${VALV_ADDR:-127.0.0.1:50051}"
-exec .venv/bin/valv central "$@"
+central_addr="${VALV_CENTRAL_ADDR:-127.0.0.1:50051}"
+sidecar_addr="${VALV_SIDECAR_ADDR:-127.0.0.1:50052}"
+mkdir -p "$VALV_DATA_DIR"
+ready="$VALV_DATA_DIR/central.ready"
+rm -f "$ready"
+# Both commands read VALV_ADDR; give each its address explicitly instead.
+unset VALV_ADDR
+
+.venv/bin/valv central --addr "$central_addr" --ready-file "$ready" "$@" &
+central=$!
+sidecar=""
+stop() {
+  [[ -n "$sidecar" ]] && kill -TERM "$sidecar" 2>/dev/null || true
+  kill -TERM "$central" 2>/dev/null || true
+  wait 2>/dev/null || true
+}
+trap stop EXIT INT TERM
+
+for _ in $(seq 600); do  # up to 60 s for central to be ready
+  [[ -f "$ready" ]] && break
+  kill -0 "$central" 2>/dev/null || { echo "run.sh: central exited" >&2; exit 1; }
+  sleep 0.1
+done
+[[ -f "$ready" ]] || { echo "run.sh: central did not start in 60 s" >&2; exit 1; }
+
+.venv/bin/valv sidecar --central "$central_addr" --addr "$sidecar_addr" &
+sidecar=$!
+echo "run.sh: central on $central_addr, sidecar on $sidecar_addr (Ctrl-C stops both)" >&2
+wait -n "$central" "$sidecar"

@@ -184,3 +184,13 @@ async def test_a_change_whose_caller_was_cancelled_still_invalidates(tmp_path: P
         while not await refused():
             assert asyncio.get_running_loop().time() < deadline, "the cache kept old state"
             await asyncio.sleep(0.01)
+
+
+def test_clear_refuses_loads_that_started_before_it() -> None:
+    cache = UseCache(ttl_s=5.0, timer=FakeTimer())
+    ticket = cache.begin_load()
+    cache.clear()  # e.g. the change log had a gap: everything may be stale
+    cache.put(KEY, ticket, usable(1), as_primary=True)
+    assert cache.get(KEY, 0) is None
+    cache.put(KEY, cache.begin_load(), usable(1), as_primary=True)
+    assert cache.get(KEY, 0) is not None

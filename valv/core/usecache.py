@@ -95,5 +95,8 @@ class UseCache:
                 self._entries.pop(cache_key, None)
 
     def clear(self) -> None:
+        """Drop everything, and refuse every load that started before now."""
         with self._lock:
+            self._counter += 1
+            self._forgotten = self._counter
             self._entries.clear()
