@@ -13,6 +13,7 @@ from valv._proto.google.cloud import location as loc_pb
 from valv._proto.google.cloud.kms import v1 as kms_pb
 from valv._proto.google.iam import v1 as iam_pb
 from valv._proto.google.longrunning import OperationsBase
+from valv._proto.valv.sidecar import v1 as sidecar_pb
 from valv.central import permissions
 from valv.central.permissions import Check, required
 from valv.core.errors import InvalidArgument, PermissionDenied
@@ -75,6 +76,8 @@ EXPECTED: dict[str, str | None] = {
     "DeleteOperation": None,
     "CancelOperation": None,
     "WaitOperation": None,
+    # By the request's purpose; see test_material_service.
+    "FetchVersion": "useToEncrypt or useToDecrypt, by purpose",
 }
 
 LOC = "projects/p/locations/global"
@@ -96,7 +99,7 @@ def served_rpcs() -> set[str]:
     """Every method of every service central serves, from the generated service bases."""
     names = set()
     for base in (kms_pb.KeyManagementServiceBase, loc_pb.LocationsBase, iam_pb.IamPolicyBase,
-                 OperationsBase):
+                 OperationsBase, sidecar_pb.KeyMaterialBase):
         names |= {path.rsplit("/", 1)[-1] for path in base.__mapping__(base())}
     return names
 

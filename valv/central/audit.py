@@ -58,6 +58,7 @@ log = logging.getLogger("valv.audit")
 DATA_ACCESS_RPCS = frozenset({
     "Encrypt", "Decrypt", "GenerateRandomBytes", "AsymmetricSign", "AsymmetricDecrypt",
     "MacSign", "MacVerify", "RawEncrypt", "RawDecrypt", "Decapsulate",
+    "FetchVersion",  # valv.sidecar.v1.KeyMaterial: a sidecar fetching material to use
 })
 # Reads that change nothing; every other RPC is treated as state-changing, so a
 # new RPC is audited until someone says otherwise.

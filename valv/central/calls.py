@@ -208,6 +208,9 @@ def request_resource(request: Any) -> str:
         if isinstance(value, str) and value:
             return value
     for nested in ("crypto_key", "crypto_key_version"):
+        value = getattr(request, nested, None)
+        if isinstance(value, str) and value:  # a name, e.g. valv.sidecar.v1 FetchVersion
+            return value
         nested_name = getattr(getattr(request, nested, None), "name", None)
         if isinstance(nested_name, str) and nested_name:
             return nested_name

@@ -34,6 +34,7 @@ Decisions where Valv had to choose:
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,6 +81,10 @@ class Rule:
     permission: str | None
     field: str
     shape: Shape
+    # For an RPC whose permission depends on the request (FetchVersion: on its
+    # purpose): the permission, from the request. ``permission`` then only
+    # describes the choice.
+    choose: Callable[[Any], str] | None = None
 
     def permission_for(self, kind: str) -> str | None:
         """The permission on a resource of ``kind`` ("keyRings", "cryptoKeys",
@@ -87,6 +92,18 @@ class Rule:
         if self.shape is not Shape.POLICY_RESOURCE or self.permission is None:
             return self.permission
         return f"cloudkms.{kind}.{self.permission}"
+
+def _material_permission(request: Any) -> str:
+    """valv.sidecar.v1 FetchVersion: the use permission of the purpose asked for."""
+    purpose = int(getattr(request, "purpose", 0) or 0)
+    if purpose == 1:  # Purpose.ENCRYPT
+        return iam.USE_TO_ENCRYPT
+    if purpose == 2:  # Purpose.DECRYPT
+        return iam.USE_TO_DECRYPT
+    raise InvalidArgument("purpose must be ENCRYPT or DECRYPT")
+
+
+MATERIAL_PERMISSION = "useToEncrypt or useToDecrypt, by purpose"
 
 RULES: dict[str, Rule] = {
     # ---- google.cloud.kms.v1.KeyManagementService
@@ -142,6 +159,9 @@ RULES: dict[str, Rule] = {
     "DeleteOperation": Rule(None, "name", Shape.NONE),
     "CancelOperation": Rule(None, "name", Shape.NONE),
     "WaitOperation": Rule(None, "name", Shape.NONE),
+    # ---- valv.sidecar.v1.KeyMaterial (sidecars only: DESIGN.md §5)
+    "FetchVersion": Rule(MATERIAL_PERMISSION, "crypto_key", Shape.CRYPTO_KEY,
+                         choose=_material_permission),
 }
 
 
@@ -169,6 +189,8 @@ def required(rpc: str, request: Any) -> Check | None:
         return None
     value = _field(request, rule.field)
     resource = _parse(value, rule.shape, rule.field)
+    if rule.choose is not None:
+        return Check(rule.choose(request), value, resource)
     permission = rule.permission_for(_kind(value, resource))
     assert permission is not None
     return Check(permission, value, resource)

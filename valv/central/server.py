@@ -19,6 +19,7 @@ from valv.central.audit import CentralAuditor
 from valv.central.authn import AuthSettings, setup_authentication
 from valv.central.authz import IamAuthorizer
 from valv.central.calls import Calls, server_codecs
+from valv.central.material_service import KeyMaterialService
 from valv.central.service import (
     IamPolicyService,
     KeyManagementService,
@@ -215,7 +216,8 @@ class CentralServer:
         handlers: list[IServable] = [KeyManagementService(self.keystore, self.calls),
                                      LocationsService(self.keystore, self.calls),
                                      IamPolicyService(self.iam, self.calls),
-                                     OperationsService(self.calls)]
+                                     OperationsService(self.calls),
+                                     KeyMaterialService(self.keystore, self.calls)]
         tcp = Server(handlers, **server_codecs())
         await tcp.start(config.host, config.port, ssl=self.authentication.ssl_context)
         self._servers.append(tcp)

@@ -1,0 +1,77 @@
+"""valv.sidecar.v1.KeyMaterial: a version's key material, sealed to one sidecar process.
+
+Behind the same call guard as every other service (valv.central.calls): the
+Authorizer checks useToEncrypt or useToDecrypt on the CryptoKey, by the
+request's purpose (valv.central.permissions), before this handler runs; the
+auditor records the fetch as data access. The KEK never leaves this module in
+clear: it is sealed (valv.core.material) and released.
+"""
+
+from __future__ import annotations
+
+import grpclib.const
+
+from valv._proto.valv.sidecar import v1 as sidecar_v1
+from valv.central.calls import Calls
+from valv.core.calls import current_call
+from valv.core.errors import FailedPrecondition, InvalidArgument
+from valv.core.keystore import KeyStore
+from valv.core.material import BadPublicKey, check_recipient, seal
+from valv.core.names import parse_crypto_key
+
+# How long a sidecar may use fetched material (DESIGN.md §5, "Cache limits").
+DEFAULT_TTL_S = 60
+
+_PURPOSES = {sidecar_v1.Purpose.ENCRYPT: "ENCRYPT", sidecar_v1.Purpose.DECRYPT: "DECRYPT"}
+
+
+class KeyMaterialService(sidecar_v1.KeyMaterialBase):
+    def __init__(self, keystore: KeyStore, calls: Calls, *, ttl_s: int = DEFAULT_TTL_S) -> None:
+        self._ks = keystore
+        self._calls = calls
+        self._ttl_s = ttl_s
+
+    def __mapping__(self) -> dict[str, grpclib.const.Handler]:
+        return self._calls.guard_mapping(super().__mapping__())
+
+    async def fetch_version(
+        self, message: sidecar_v1.FetchVersionRequest
+    ) -> sidecar_v1.FetchVersionResponse:
+        key_name = parse_crypto_key(message.crypto_key, "crypto_key")
+        purpose = _PURPOSES.get(message.purpose)
+        if purpose is None:
+            raise InvalidArgument("purpose must be ENCRYPT or DECRYPT")
+        try:
+            check_recipient(bytes(message.recipient_public_key))
+        except BadPublicKey as exc:
+            raise InvalidArgument(f"recipient_public_key: {exc}") from None
+        if message.version_id > 0xFFFFFFFF:
+            raise InvalidArgument("version_id is out of range")
+        version_id = message.version_id or None
+        # The keystore's own lookup, so state and primary rules are those of
+        # Encrypt/Decrypt. Its "encrypt" purpose keeps NOT_FOUND for a missing
+        # version (its "decrypt" one turns that into a decryption failure).
+        try:
+            usable = await self._ks._usable_version(key_name, version_id, purpose="encrypt")
+        except FailedPrecondition as exc:
+            if purpose == "DECRYPT":
+                raise FailedPrecondition(str(exc).replace(
+                    "encryption needs", "decryption needs")) from None
+            raise
+        version = usable.version
+        call = current_call.get()
+        if call is not None:
+            call.used_version = str(version.name)
+        try:
+            sealed = seal(usable.kek, version_name=str(version.name), purpose=purpose,
+                          recipient_public_key=bytes(message.recipient_public_key))
+        except BadPublicKey as exc:
+            raise InvalidArgument(f"recipient_public_key: {exc}") from None
+        finally:
+            self._ks._release(usable)
+        return sidecar_v1.FetchVersionResponse(
+            version=str(version.name),
+            state=sidecar_v1.VersionState(int(version.state)),
+            is_primary=usable.primary_version_id == version.name.version,
+            ttl_seconds=self._ttl_s,
+            sealed_material=sealed)
