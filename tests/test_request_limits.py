@@ -7,7 +7,7 @@ from google.api_core import exceptions
 from google.cloud import kms_v1
 
 from tests.helpers import CALL
-from valv.central.calls import MAX_REQUEST_BYTES
+from valv.netutil import MAX_REQUEST_BYTES
 
 
 def test_a_request_over_the_limit_is_resource_exhausted(

@@ -1,13 +1,20 @@
-"""Small helpers around grpclib's server that several commands share."""
+"""What central and the sidecar share about serving gRPC with grpclib: the
+listen sockets, the ready file, counting and draining calls, and the request
+size bound."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import os
 import socket
 import stat
 from pathlib import Path
+from typing import Any
 
+from grpclib import GRPCError
+from grpclib.const import Status
 from grpclib.server import Server
 
 
@@ -65,3 +72,89 @@ def remove_unix_socket(path: Path) -> None:
             path.unlink()
     except FileNotFoundError:
         pass
+
+
+# The largest request message accepted. The biggest valid KMS request is an
+# Encrypt with 64 KiB of plaintext and 64 KiB of AAD; gRPC's own default is 4 MiB.
+MAX_REQUEST_BYTES = 1024 * 1024
+
+
+def limit_request_size(stream: Any) -> None:
+    """Refuse a request message longer than MAX_REQUEST_BYTES before reading it.
+
+    grpclib reads a whole length-prefixed message into memory before decoding
+    it and has no size limit, so one huge request could exhaust memory. Its
+    reader asks the HTTP/2 stream for the 5-byte prefix and then for exactly
+    the announced length; we refuse that second read when it is too large.
+    (This reaches into grpclib's private stream object: covered by a test.)
+    """
+    protocol_stream = stream._stream
+    read = protocol_stream.recv_data
+
+    async def bounded_read(size: int) -> bytes:
+        if size > MAX_REQUEST_BYTES:
+            raise GRPCError(
+                Status.RESOURCE_EXHAUSTED,
+                f"the request message is {size} bytes; the limit is {MAX_REQUEST_BYTES} bytes",
+            )
+        data: bytes = await read(size)
+        return data
+
+    protocol_stream.recv_data = bounded_read
+
+
+class CallTracker:
+    """Counts calls in flight, so shutdown can drain them before closing."""
+
+    def __init__(self) -> None:
+        self.in_flight = 0
+        self.draining = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def enter(self) -> None:
+        self.in_flight += 1
+        self._idle.clear()
+
+    def leave(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self._idle.set()
+
+    async def wait_idle(self) -> None:
+        await self._idle.wait()
+
+
+def write_ready_file(path: Path, tcp_address: tuple[str, int], unix_socket: Path | None) -> None:
+    """Tell supervisors and tests that the server accepts calls: {addr, unix_socket, pid},
+    written atomically."""
+    info = {"addr": f"{tcp_address[0]}:{tcp_address[1]}",
+            "unix_socket": str(unix_socket) if unix_socket else None,
+            "pid": os.getpid()}
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(info))
+    tmp.replace(path)
+
+
+async def drain_and_close(servers: list[Server], tracker: CallTracker, timeout_s: float,
+                          log: logging.Logger) -> None:
+    """Stop accepting calls, let those in flight finish (up to ``timeout_s``), then
+    close the servers (which cancels whatever is still running)."""
+    tracker.draining = True
+    for server in servers:
+        # Stop accepting connections now; grpclib's close() would also cancel
+        # the calls in flight, which we first let finish.
+        if server._server is not None:
+            server._server.close()
+    if tracker.in_flight:
+        log.info("draining calls", extra={"fields": {"in_flight": tracker.in_flight}})
+        try:
+            await asyncio.wait_for(tracker.wait_idle(), timeout_s)
+        except TimeoutError:
+            log.warning("drain timed out; cancelling remaining calls",
+                        extra={"fields": {"in_flight": tracker.in_flight}})
+    for server in servers:
+        server.close()
+    for server in servers:
+        await server.wait_closed()
+    servers.clear()

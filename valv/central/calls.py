@@ -17,7 +17,6 @@ is allowed, and nothing is audited beyond the log.
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
@@ -36,28 +35,7 @@ from valv.core.calls import (
     current_call,
 )
 from valv.core.errors import InvalidArgument
-
-
-class CallTracker:
-    """Counts calls in flight, so shutdown can drain them before closing."""
-
-    def __init__(self) -> None:
-        self.in_flight = 0
-        self.draining = False
-        self._idle = asyncio.Event()
-        self._idle.set()
-
-    def enter(self) -> None:
-        self.in_flight += 1
-        self._idle.clear()
-
-    def leave(self) -> None:
-        self.in_flight -= 1
-        if self.in_flight == 0:
-            self._idle.set()
-
-    async def wait_idle(self) -> None:
-        await self._idle.wait()
+from valv.netutil import CallTracker, limit_request_size
 
 
 class RequestCodec(ProtoCodec):
@@ -74,11 +52,6 @@ class RequestCodec(ProtoCodec):
                 f"the request is not a valid {getattr(message_type, '__name__', 'protobuf')} "
                 f"message ({type(exc).__name__})",
             ) from None
-
-
-# The largest request message accepted. The biggest valid KMS request is an
-# Encrypt with 64 KiB of plaintext and 64 KiB of AAD; gRPC's own default is 4 MiB.
-MAX_REQUEST_BYTES = 1024 * 1024
 
 
 def peer_address(stream: Any) -> str:
@@ -160,7 +133,7 @@ class Calls:
             if tracker.draining:
                 raise GRPCError(Status.UNAVAILABLE,
                                 "the server is shutting down; retry elsewhere")
-            _limit_request_size(stream)
+            limit_request_size(stream)
             tracker.enter()
             call: CallContext | None = None
             try:
@@ -258,30 +231,6 @@ def _authorize_on_receive(stream: Any, call: CallContext, authorizer: Authorizer
         return request
 
     stream.recv_message = receive_authorized
-
-
-def _limit_request_size(stream: Any) -> None:
-    """Refuse a request message longer than MAX_REQUEST_BYTES before reading it.
-
-    grpclib reads a whole length-prefixed message into memory before decoding
-    it and has no size limit, so one huge request could exhaust memory. Its
-    reader asks the HTTP/2 stream for the 5-byte prefix and then for exactly
-    the announced length; we refuse that second read when it is too large.
-    (This reaches into grpclib's private stream object: covered by a test.)
-    """
-    protocol_stream = stream._stream
-    read = protocol_stream.recv_data
-
-    async def bounded_read(size: int) -> bytes:
-        if size > MAX_REQUEST_BYTES:
-            raise GRPCError(
-                Status.RESOURCE_EXHAUSTED,
-                f"the request message is {size} bytes; the limit is {MAX_REQUEST_BYTES} bytes",
-            )
-        data: bytes = await read(size)
-        return data
-
-    protocol_stream.recv_data = bounded_read
 
 
 def server_codecs() -> dict[str, Any]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import signal
@@ -43,7 +42,13 @@ from valv.core.scheduler import DEFAULT_INTERVAL_S, Scheduler
 from valv.core.storage import open_store
 from valv.core.storage.base import Store
 from valv.core.storage.sealed import SealedStore, Sealer
-from valv.netutil import bind_unix_socket, bound_port, remove_unix_socket
+from valv.netutil import (
+    bind_unix_socket,
+    bound_port,
+    drain_and_close,
+    remove_unix_socket,
+    write_ready_file,
+)
 
 log = logging.getLogger("valv.central")
 
@@ -240,36 +245,11 @@ class CentralServer:
             self._audit_task = asyncio.create_task(self.auditor.aggregator.run(
                 self._audit_stop, config.audit_flush_interval_s))
         if config.ready_file is not None:
-            self._write_ready_file(config.ready_file)
-
-    def _write_ready_file(self, path: Path) -> None:
-        assert self.tcp_address is not None
-        info = {"addr": f"{self.tcp_address[0]}:{self.tcp_address[1]}",
-                "unix_socket": str(self.config.unix_socket) if self.config.unix_socket else None,
-                "pid": os.getpid()}
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(info))
-        tmp.replace(path)
+            write_ready_file(config.ready_file, self.tcp_address, config.unix_socket)
 
     async def stop(self) -> None:
         """Drain in-flight calls (bounded), then stop listening and close storage."""
-        self.tracker.draining = True
-        for server in self._servers:
-            # Stop accepting connections now; grpclib's close() would also cancel
-            # the calls in flight, which we first let finish.
-            if server._server is not None:
-                server._server.close()
-        if self.tracker.in_flight:
-            log.info("draining calls", extra={"fields": {"in_flight": self.tracker.in_flight}})
-            try:
-                await asyncio.wait_for(self.tracker.wait_idle(), self.config.drain_timeout_s)
-            except TimeoutError:
-                log.warning("drain timed out; cancelling remaining calls",
-                            extra={"fields": {"in_flight": self.tracker.in_flight}})
-        for server in self._servers:
-            server.close()
-        for server in self._servers:
-            await server.wait_closed()
+        await drain_and_close(self._servers, self.tracker, self.config.drain_timeout_s, log)
         if self._scheduler_task is not None:
             # A tick finishes the item it is on (one transaction) and stops.
             self._scheduler_stop.set()
@@ -288,7 +268,6 @@ class CentralServer:
             # Records still being written and refusal counts (any mode), before
             # the store closes.
             await self.auditor.close()
-        self._servers.clear()
         if self._store is not None:
             await self._store.close()
             self._store.sealer.forget()  # drop the cached storage ciphers

@@ -30,7 +30,7 @@ from grpclib.const import Cardinality, Status
 from grpclib.encoding.base import CodecBase, StatusDetailsCodecBase
 from grpclib.exceptions import StreamTerminatedError
 
-from valv.central.calls import CallTracker, _limit_request_size
+from valv.netutil import CallTracker, limit_request_size
 
 log = logging.getLogger("valv.sidecar")
 
@@ -173,7 +173,7 @@ class Forwarder:
     async def forward(self, path: str, stream: Any) -> None:
         if self.tracker.draining:
             raise GRPCError(Status.UNAVAILABLE, "the sidecar is shutting down; retry")
-        _limit_request_size(stream)
+        limit_request_size(stream)
         self.tracker.enter()
         try:
             request = await stream.recv_message()

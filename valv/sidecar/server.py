@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import os
 import signal
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,9 +11,15 @@ from pathlib import Path
 from grpclib.client import Channel
 from grpclib.server import Server
 
-from valv.central.calls import CallTracker
 from valv.core.authn import is_loopback
-from valv.netutil import bind_unix_socket, bound_port, remove_unix_socket
+from valv.netutil import (
+    CallTracker,
+    bind_unix_socket,
+    bound_port,
+    drain_and_close,
+    remove_unix_socket,
+    write_ready_file,
+)
 from valv.sidecar.forward import Forwarder, TokenFile, client_ssl_context, raw_codecs
 
 log = logging.getLogger("valv.sidecar")
@@ -96,35 +100,11 @@ class SidecarServer:
             "central": config.central, "tls": self.ssl_context is not None,
             "token_file": str(config.token_file) if config.token_file else None}})
         if config.ready_file is not None:
-            self._write_ready_file(config.ready_file)
-
-    def _write_ready_file(self, path: Path) -> None:
-        assert self.tcp_address is not None
-        info = {"addr": f"{self.tcp_address[0]}:{self.tcp_address[1]}",
-                "unix_socket": str(self.config.unix_socket) if self.config.unix_socket else None,
-                "pid": os.getpid()}
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(info))
-        tmp.replace(path)
+            write_ready_file(config.ready_file, self.tcp_address, config.unix_socket)
 
     async def stop(self) -> None:
         """Drain in-flight calls (bounded), then stop listening and close the channel."""
-        self.tracker.draining = True
-        for server in self._servers:
-            if server._server is not None:  # stop accepting; let calls in flight finish
-                server._server.close()
-        if self.tracker.in_flight:
-            log.info("draining calls", extra={"fields": {"in_flight": self.tracker.in_flight}})
-            try:
-                await asyncio.wait_for(self.tracker.wait_idle(), self.config.drain_timeout_s)
-            except TimeoutError:
-                log.warning("drain timed out; cancelling remaining calls",
-                            extra={"fields": {"in_flight": self.tracker.in_flight}})
-        for server in self._servers:
-            server.close()
-        for server in self._servers:
-            await server.wait_closed()
-        self._servers.clear()
+        await drain_and_close(self._servers, self.tracker, self.config.drain_timeout_s, log)
         if self.channel is not None:
             self.channel.close()
             self.channel = None
