@@ -4,14 +4,22 @@
 # This file has been @generated
 
 __all__ = (
+    "ChangeKind",
     "FetchVersionRequest",
     "FetchVersionResponse",
     "KeyMaterialBase",
     "KeyMaterialStub",
     "Purpose",
+    "ReportUsageRequest",
+    "ReportUsageResponse",
+    "UsageCount",
     "VersionState",
+    "WatchEvent",
+    "WatchEventType",
+    "WatchRequest",
 )
 
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -28,6 +36,40 @@ if TYPE_CHECKING:
 
 _COMPILER_VERSION = "0.10.1"
 betterproto2.check_compiler_version(_COMPILER_VERSION)
+
+
+class ChangeKind(betterproto2.Enum):
+    """
+    What changed (valv.core.changelog kinds).
+    """
+
+    CHANGE_KIND_UNSPECIFIED = 0
+
+    CRYPTO_KEY = 1
+    """
+    A CryptoKey's settings or primary; resource: the CryptoKey name.
+    """
+
+    CRYPTO_KEY_VERSION = 2
+    """
+    A version's state (enable, disable, destroy, restore, created); resource:
+    the CryptoKeyVersion name.
+    """
+
+    IAM_POLICY = 3
+    """
+    An IAM policy; resource: the KeyRing or CryptoKey whose policy changed.
+    """
+
+    KEY_RING = 4
+    """
+    A KeyRing; resource: the KeyRing name.
+    """
+
+    ROOT_KEYS = 5
+    """
+    The root keys (an RMK rotation); resource: empty. Drop everything.
+    """
 
 
 class Purpose(betterproto2.Enum):
@@ -62,6 +104,31 @@ class VersionState(betterproto2.Enum):
     DESTROYED = 3
 
     DESTROY_SCHEDULED = 4
+
+
+class WatchEventType(betterproto2.Enum):
+    TYPE_UNSPECIFIED = 0
+
+    HELLO = 1
+    """
+    The first event of every stream. seq: the change the stream starts after.
+    """
+
+    CHANGE = 2
+    """
+    One change: kind and resource say what to drop.
+    """
+
+    RESET = 3
+    """
+    Central can't say what changed since after_seq (the log was trimmed or
+    the store went back): drop everything cached.
+    """
+
+    HEARTBEAT = 4
+    """
+    Nothing changed; sent every heartbeat_seconds so a dead stream is noticed.
+    """
 
 
 @dataclass(eq=False, repr=False)
@@ -123,6 +190,95 @@ default_message_pool.register_message(
 )
 
 
+@dataclass(eq=False, repr=False)
+class ReportUsageRequest(betterproto2.Message):
+    counts: "list[UsageCount]" = betterproto2.field(1, betterproto2.TYPE_MESSAGE, repeated=True)
+
+
+default_message_pool.register_message("valv.sidecar.v1", "ReportUsageRequest", ReportUsageRequest)
+
+
+@dataclass(eq=False, repr=False)
+class ReportUsageResponse(betterproto2.Message):
+    recorded: "int" = betterproto2.field(1, betterproto2.TYPE_UINT32)
+    """
+    How many counts were recorded (all of them, or the call fails).
+    """
+
+
+default_message_pool.register_message("valv.sidecar.v1", "ReportUsageResponse", ReportUsageResponse)
+
+
+@dataclass(eq=False, repr=False)
+class UsageCount(betterproto2.Message):
+    """
+    Uses of one version, by one RPC with one outcome, in one minute.
+    """
+
+    crypto_key_version: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
+    """
+    The CryptoKeyVersion used.
+    """
+
+    rpc: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
+    """
+    "Encrypt" or "Decrypt".
+    """
+
+    status: "str" = betterproto2.field(3, betterproto2.TYPE_STRING)
+    """
+    "OK", or the status code name of a failed use (e.g. "INVALID_ARGUMENT").
+    """
+
+    window_start_us: "int" = betterproto2.field(4, betterproto2.TYPE_INT64)
+    """
+    The start of the minute, in microseconds since the Unix epoch.
+    """
+
+    count: "int" = betterproto2.field(5, betterproto2.TYPE_UINT64)
+
+
+default_message_pool.register_message("valv.sidecar.v1", "UsageCount", UsageCount)
+
+
+@dataclass(eq=False, repr=False)
+class WatchEvent(betterproto2.Message):
+    type: "WatchEventType" = betterproto2.field(
+        1, betterproto2.TYPE_ENUM, default_factory=lambda: WatchEventType(0)
+    )
+
+    seq: "int" = betterproto2.field(2, betterproto2.TYPE_UINT64)
+    """
+    The change's sequence number (HELLO, CHANGE, RESET: resume after it).
+    """
+
+    kind: "ChangeKind" = betterproto2.field(
+        3, betterproto2.TYPE_ENUM, default_factory=lambda: ChangeKind(0)
+    )
+
+    resource: "str" = betterproto2.field(4, betterproto2.TYPE_STRING)
+
+    heartbeat_seconds: "int" = betterproto2.field(5, betterproto2.TYPE_UINT32)
+    """
+    HELLO: how often central sends a HEARTBEAT on this stream.
+    """
+
+
+default_message_pool.register_message("valv.sidecar.v1", "WatchEvent", WatchEvent)
+
+
+@dataclass(eq=False, repr=False)
+class WatchRequest(betterproto2.Message):
+    after_seq: "int" = betterproto2.field(1, betterproto2.TYPE_UINT64)
+    """
+    Resume after this change sequence number, from an earlier stream's events;
+    0: start at central's current head.
+    """
+
+
+default_message_pool.register_message("valv.sidecar.v1", "WatchRequest", WatchRequest)
+
+
 class KeyMaterialStub(betterproto2_grpclib.ServiceStub):
     async def fetch_version(
         self,
@@ -145,11 +301,69 @@ class KeyMaterialStub(betterproto2_grpclib.ServiceStub):
             metadata=metadata,
         )
 
+    async def watch(
+        self,
+        message: "WatchRequest",
+        *,
+        timeout: "float | None" = None,
+        deadline: "Deadline | None" = None,
+        metadata: "MetadataLike | None" = None,
+    ) -> "AsyncIterator[WatchEvent]":
+        """
+        Changes that invalidate cached material, as they happen.
+        """
+
+        async for response in self._unary_stream(
+            "/valv.sidecar.v1.KeyMaterial/Watch",
+            message,
+            WatchEvent,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        ):
+            yield response
+
+    async def report_usage(
+        self,
+        message: "ReportUsageRequest",
+        *,
+        timeout: "float | None" = None,
+        deadline: "Deadline | None" = None,
+        metadata: "MetadataLike | None" = None,
+    ) -> "ReportUsageResponse":
+        """
+        The sidecar's local Encrypt/Decrypt calls, counted, for central's audit log.
+        """
+
+        return await self._unary_unary(
+            "/valv.sidecar.v1.KeyMaterial/ReportUsage",
+            message,
+            ReportUsageResponse,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        )
+
 
 class KeyMaterialBase(betterproto2_grpclib.ServiceBase):
     async def fetch_version(self, message: "FetchVersionRequest") -> "FetchVersionResponse":
         """
         A version's key material (or the key's primary's), sealed to the caller's key.
+        """
+
+        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+
+    async def watch(self, message: "WatchRequest") -> "AsyncIterator[WatchEvent]":
+        """
+        Changes that invalidate cached material, as they happen.
+        """
+
+        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+        yield WatchEvent()
+
+    async def report_usage(self, message: "ReportUsageRequest") -> "ReportUsageResponse":
+        """
+        The sidecar's local Encrypt/Decrypt calls, counted, for central's audit log.
         """
 
         raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
@@ -162,6 +376,23 @@ class KeyMaterialBase(betterproto2_grpclib.ServiceBase):
         response = await self.fetch_version(request)
         await stream.send_message(response)
 
+    async def __rpc_watch(self, stream: "grpclib.server.Stream[WatchRequest, WatchEvent]") -> None:
+        request = await stream.recv_message()
+        assert request is not None
+        await self._call_rpc_handler_server_stream(
+            self.watch,
+            stream,
+            request,
+        )
+
+    async def __rpc_report_usage(
+        self, stream: "grpclib.server.Stream[ReportUsageRequest, ReportUsageResponse]"
+    ) -> None:
+        request = await stream.recv_message()
+        assert request is not None
+        response = await self.report_usage(request)
+        await stream.send_message(response)
+
     def __mapping__(self) -> "dict[str, grpclib.const.Handler]":
         return {
             "/valv.sidecar.v1.KeyMaterial/FetchVersion": grpclib.const.Handler(
@@ -169,5 +400,17 @@ class KeyMaterialBase(betterproto2_grpclib.ServiceBase):
                 grpclib.const.Cardinality.UNARY_UNARY,
                 FetchVersionRequest,
                 FetchVersionResponse,
+            ),
+            "/valv.sidecar.v1.KeyMaterial/Watch": grpclib.const.Handler(
+                self.__rpc_watch,
+                grpclib.const.Cardinality.UNARY_STREAM,
+                WatchRequest,
+                WatchEvent,
+            ),
+            "/valv.sidecar.v1.KeyMaterial/ReportUsage": grpclib.const.Handler(
+                self.__rpc_report_usage,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                ReportUsageRequest,
+                ReportUsageResponse,
             ),
         }
