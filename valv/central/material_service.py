@@ -14,7 +14,7 @@ import grpclib.const
 from valv._proto.valv.sidecar import v1 as sidecar_v1
 from valv.central.calls import Calls
 from valv.core.calls import current_call
-from valv.core.errors import FailedPrecondition, InvalidArgument
+from valv.core.errors import InvalidArgument
 from valv.core.keystore import KeyStore
 from valv.core.material import BadPublicKey, check_recipient, seal
 from valv.core.names import parse_crypto_key
@@ -48,16 +48,12 @@ class KeyMaterialService(sidecar_v1.KeyMaterialBase):
         if message.version_id > 0xFFFFFFFF:
             raise InvalidArgument("version_id is out of range")
         version_id = message.version_id or None
-        # The keystore's own lookup, so state and primary rules are those of
-        # Encrypt/Decrypt. Its "encrypt" purpose keeps NOT_FOUND for a missing
-        # version (its "decrypt" one turns that into a decryption failure).
-        try:
-            usable = await self._ks._usable_version(key_name, version_id, purpose="encrypt")
-        except FailedPrecondition as exc:
-            if purpose == "DECRYPT":
-                raise FailedPrecondition(str(exc).replace(
-                    "encryption needs", "decryption needs")) from None
-            raise
+        # The keystore's own lookup with the purpose's own rules and messages, so a
+        # sidecar relays exactly what central's Encrypt/Decrypt would say (for
+        # DECRYPT the id came from a ciphertext: a missing version is a
+        # decryption failure, not NOT_FOUND).
+        usable = await self._ks._usable_version(
+            key_name, version_id, purpose="decrypt" if purpose == "DECRYPT" else "encrypt")
         version = usable.version
         call = current_call.get()
         if call is not None:
