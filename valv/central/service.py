@@ -28,9 +28,10 @@ from valv.central.authz import is_dev
 from valv.central.calls import Calls
 from valv.core import iam
 from valv.core.calls import current_call
+from valv.core.envelope import crc32c
 from valv.core.errors import InvalidArgument, NotFound, Unimplemented
 from valv.core.iam import IamPolicies
-from valv.core.keystore import CryptoKeyUpdate, KeyStore, NewCryptoKey, crc32c
+from valv.core.keystore import CryptoKeyUpdate, KeyStore, NewCryptoKey
 
 SOFTWARE = kms_v1.ProtectionLevel.SOFTWARE
 

@@ -19,15 +19,14 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any, Generic, Protocol, TypeVar
 
-import google_crc32c
-
-from valv.core import changelog, records
+from valv.core import changelog, envelope, records
 from valv.core.calls import CallContext, current_call
 from valv.core.clock import Clock, to_micros
 from valv.core.crypto import ciphertext as ciphertext_format
-from valv.core.crypto.errors import InvalidCiphertextError, KeyUnwrapError, UnknownRootKeyError
+from valv.core.crypto.errors import KeyUnwrapError, UnknownRootKeyError
 from valv.core.crypto.kek import generate_kek
 from valv.core.crypto.rootkey import RootKeyring
+from valv.core.envelope import DecryptResult, EncryptResult
 from valv.core.errors import (
     AlreadyExists,
     DataLoss,
@@ -56,7 +55,6 @@ from valv.core.names import (
     check_id,
     parse_crypto_key,
     parse_crypto_key_version,
-    parse_key_or_version,
     parse_key_ring,
     parse_location,
     parse_project,
@@ -67,14 +65,10 @@ from valv.core.usecache import UsableVersion, UseCache
 
 T = TypeVar("T")
 
-MAX_PAYLOAD_BYTES = 64 * 1024
 MIN_ROTATION_PERIOD = timedelta(hours=24)
 MAX_ROTATION_PERIOD = timedelta(days=36_500)  # 100 years, as Cloud KMS
 MAX_DESTROY_SCHEDULED_DURATION = timedelta(days=120)
 MAX_RANDOM_BYTES = 1024
-# A ciphertext can't be longer than the largest plaintext plus our framing.
-MAX_CIPHERTEXT_BYTES = (MAX_PAYLOAD_BYTES + ciphertext_format.HEADER_LEN
-                        + ciphertext_format.TAG_LEN)
 _SCAN_CHUNK = 256
 
 _LABEL_KEY = re.compile(r"[\w-]{1,63}")
@@ -147,24 +141,6 @@ class DueOutcome:
     next_rotation_time: datetime | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class EncryptResult:
-    version_name: CryptoKeyVersionName
-    ciphertext: bytes
-    ciphertext_crc32c: int
-    verified_plaintext_crc32c: bool
-    verified_aad_crc32c: bool
-
-
-@dataclass(frozen=True, slots=True)
-class DecryptResult:
-    plaintext: bytes
-    plaintext_crc32c: int
-    used_primary: bool
-
-
-def crc32c(data: bytes) -> int:
-    return int(google_crc32c.value(data))
 
 
 _UPDATABLE_KEY_PATHS = frozenset(
@@ -778,55 +754,29 @@ class KeyStore:
     async def encrypt(self, name: str, plaintext: bytes, aad: bytes, *,
                       plaintext_crc32c: int | None = None,
                       aad_crc32c: int | None = None) -> EncryptResult:
-        target = parse_key_or_version(name)
-        _check_size("plaintext", plaintext, MAX_PAYLOAD_BYTES)
-        _check_size("additional_authenticated_data", aad, MAX_PAYLOAD_BYTES)
-        _check_crc("plaintext", plaintext, plaintext_crc32c)
-        _check_crc("additional_authenticated_data", aad, aad_crc32c)
-        if isinstance(target, CryptoKeyName):
-            usable = await self._usable_version(target, None, purpose="encrypt")
-        else:
-            usable = await self._usable_version(target.parent, target.version,
-                                                purpose="encrypt")
-        version = usable.version
-        _note_used_version(version.name)
+        call = envelope.check_encrypt(name, plaintext, aad, plaintext_crc32c=plaintext_crc32c,
+                                      aad_crc32c=aad_crc32c)
+        usable = await self._usable_version(call.key_name, call.version_id, purpose="encrypt")
+        _note_used_version(usable.version.name)
         try:
-            ciphertext = self._codec.encrypt(
-                usable.kek, key_name=str(version.name.parent), version_id=version.name.version,
-                plaintext=plaintext, aad=aad)
+            return envelope.encrypt_with(self._codec, usable.kek, call,
+                                         usable.version.name.version)
         finally:
             self._release(usable)
-        return EncryptResult(
-            version_name=version.name, ciphertext=ciphertext,
-            ciphertext_crc32c=crc32c(ciphertext),
-            verified_plaintext_crc32c=plaintext_crc32c is not None,
-            verified_aad_crc32c=aad_crc32c is not None,
-        )
 
     async def decrypt(self, name: str, ciphertext: bytes, aad: bytes, *,
                       ciphertext_crc32c: int | None = None,
                       aad_crc32c: int | None = None) -> DecryptResult:
-        key_name = parse_crypto_key(name)
-        _check_size("ciphertext", ciphertext, MAX_CIPHERTEXT_BYTES)
-        _check_size("additional_authenticated_data", aad, MAX_PAYLOAD_BYTES)
-        _check_crc("ciphertext", ciphertext, ciphertext_crc32c)
-        _check_crc("additional_authenticated_data", aad, aad_crc32c)
-        try:
-            version_id = ciphertext_format.read_version_id(ciphertext)
-        except InvalidCiphertextError:
-            raise _decryption_failed(key_name) from None
-        usable = await self._usable_version(key_name, version_id, purpose="decrypt")
+        call = envelope.check_decrypt(name, ciphertext, aad,
+                                      ciphertext_crc32c=ciphertext_crc32c,
+                                      aad_crc32c=aad_crc32c)
+        usable = await self._usable_version(call.key_name, call.version_id, purpose="decrypt")
         _note_used_version(usable.version.name)
         try:
-            plaintext = self._codec.decrypt(
-                usable.kek, key_name=str(key_name), version_id=version_id,
-                ciphertext=ciphertext, aad=aad)
-        except InvalidCiphertextError:
-            raise _decryption_failed(key_name) from None
+            return envelope.decrypt_with(self._codec, usable.kek, call,
+                                         primary_version_id=usable.primary_version_id)
         finally:
             self._release(usable)
-        return DecryptResult(plaintext=plaintext, plaintext_crc32c=crc32c(plaintext),
-                             used_primary=usable.primary_version_id == version_id)
 
     async def _usable_version(self, key_name: CryptoKeyName, version_id: int | None, *,
                               purpose: str) -> UsableVersion:
@@ -856,7 +806,7 @@ class KeyStore:
                 version = self._load_version(tr, version_name)
             except NotFound:
                 if purpose == "decrypt":  # the id came from the (untrusted) ciphertext
-                    raise _decryption_failed(key_name) from None
+                    raise envelope.decryption_failed(key_name) from None
                 raise
             if version.state != VersionState.ENABLED:
                 if purpose == "decrypt":
@@ -1098,26 +1048,6 @@ def _destruction_due(version: CryptoKeyVersion | None) -> datetime | None:
     if version is None or version.state != VersionState.DESTROY_SCHEDULED:
         return None
     return version.destroy_time
-
-
-def _decryption_failed(key_name: CryptoKeyName) -> InvalidArgument:
-    return InvalidArgument(
-        f"Decryption failed: the ciphertext is invalid, was not produced by {key_name}, or "
-        "the additional_authenticated_data does not match"
-    )
-
-
-def _check_size(field_name: str, data: bytes, limit: int) -> None:
-    if len(data) > limit:
-        raise InvalidArgument(f"{field_name} is {len(data)} bytes; the limit is {limit} bytes")
-
-
-def _check_crc(field_name: str, data: bytes, expected: int | None) -> None:
-    if expected is not None and crc32c(data) != expected:
-        raise InvalidArgument(
-            f"{field_name}_crc32c does not match {field_name}: the request was corrupted in "
-            "transit; compute the CRC32C again and retry"
-        )
 
 
 def _check_rotation_period(period: timedelta) -> None:
