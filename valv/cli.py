@@ -161,6 +161,9 @@ def _add_central(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
                   "record per call, a storage transaction each); see the README")
     env_flag(p, "--audit-flush-interval", "VALV_AUDIT_FLUSH_INTERVAL", default="10",
              help="seconds between writes of aggregated data-access counts (and at shutdown)")
+    env_flag(p, "--watch-heartbeat", "VALV_WATCH_HEARTBEAT", default="5s",
+             help="how often an idle sidecar Watch stream gets a HEARTBEAT, in whole seconds "
+                  "(1s-1h), so a sidecar notices a dead stream")
     env_flag(p, "--root-policy-file", "VALV_ROOT_POLICY_FILE",
              help="JSON IAM policy granted on every resource, e.g. {\"bindings\": [{\"role\": "
                   "\"roles/cloudkms.admin\", \"members\": [\"user:alice\"]}]}; see "
@@ -274,6 +277,20 @@ def _audit_flush_interval(text: str) -> float:
     return interval.total_seconds()
 
 
+def _watch_heartbeat(text: str) -> int:
+    from valv.central.watch import MAX_HEARTBEAT_S
+
+    try:
+        interval = parse_duration(text)
+    except argparse.ArgumentTypeError as exc:
+        raise argparse.ArgumentTypeError(f"--watch-heartbeat: {exc}") from None
+    seconds = 0.0 if interval is None else interval.total_seconds()
+    if not 1 <= seconds <= MAX_HEARTBEAT_S or seconds != int(seconds):
+        raise argparse.ArgumentTypeError(
+            f"--watch-heartbeat {text!r} must be a whole number of seconds between 1s and 1h")
+    return int(seconds)
+
+
 def _root_policy(path: str | None) -> Policy | None:
     """The root IAM policy file, checked now: a bad one is a startup error (InvalidArgument)."""
     from valv.core.iam import load_root_policy
@@ -316,6 +333,7 @@ def _run_central(args: argparse.Namespace) -> int:
             root_policy=_root_policy(args.root_policy_file),
             audit_data_access=DataAccessMode.parse(args.audit_data_access),
             audit_flush_interval_s=_audit_flush_interval(args.audit_flush_interval),
+            watch_heartbeat_s=_watch_heartbeat(args.watch_heartbeat),
             auth=auth,
         )
     except (argparse.ArgumentTypeError, ValueError, ValvError) as exc:
@@ -333,11 +351,13 @@ def _run_central(args: argparse.Namespace) -> int:
 
 def _add_sidecar(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
-        "sidecar", help="run the local sidecar (preview: forwards every call to central)",
+        "sidecar", help="run the local sidecar (Encrypt/Decrypt from cached KEKs)",
         description="Run a Valv sidecar: a Cloud KMS v1 compatible endpoint on loopback (and "
-                    "optionally a unix socket) that forwards every call to central with the "
-                    "sidecar's own credentials, so local callers act with its identity. Every "
-                    "flag can also be set with the environment variable shown.")
+                    "optionally a unix socket). It answers Encrypt and Decrypt itself from "
+                    "briefly cached KEK versions fetched from central, and forwards every "
+                    "other call to central. It calls central with its own credentials, so "
+                    "local callers act with its identity. Every flag can also be set with the "
+                    "environment variable shown.")
     env_flag(p, "--central", "VALV_CENTRAL", help="central's address HOST:PORT (required)")
     env_flag(p, "--addr", "VALV_ADDR", default="127.0.0.1:50052",
              help="loopback TCP listen address HOST:PORT (port 0 picks a free port); a "
@@ -356,9 +376,39 @@ def _add_sidecar(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
              help="the PEM private key of --client-cert-file")
     env_flag(p, "--log-level", "VALV_LOG_LEVEL", default="info",
              help="log verbosity: debug, info, warning, error")
+    env_flag(p, "--cache-ttl", "VALV_CACHE_TTL", default="60s",
+             help="how long fetched key material may serve (e.g. 60s, 5m); also how long "
+                  "a revocation can take to apply if the watch stream to central is cut")
+    env_flag(p, "--cache-max-uses", "VALV_CACHE_MAX_USES", default="1000000",
+             help="Encrypt/Decrypt calls per cached version before it is fetched again")
+    env_flag(p, "--cache-max-entries", "VALV_CACHE_MAX_ENTRIES", default="10000",
+             help="cached versions per purpose (Encrypt, Decrypt); least recently used go "
+                  "first")
+    env_flag(p, "--usage-report-interval", "VALV_USAGE_REPORT_INTERVAL", default="10s",
+             help="how often local Encrypt/Decrypt counts go to central's audit log")
+    env_flag(p, "--metrics-addr", "VALV_METRICS_ADDR",
+             help="serve /healthz, /readyz and /metrics (Prometheus) over HTTP on HOST:PORT; "
+                  "off by default")
     env_flag(p, "--ready-file", "VALV_READY_FILE",
-             help="write {addr, unix_socket, pid} as JSON here once serving")
+             help="write {addr, unix_socket, pid, metrics} as JSON here once serving")
     p.set_defaults(func=_run_sidecar)
+
+
+def _seconds(text: str, flag: str) -> float:
+    duration = parse_duration(text)
+    if duration is None or duration.total_seconds() <= 0:
+        raise ValueError(f"{flag} must be a positive duration such as 60s or 5m, not {text!r}")
+    return duration.total_seconds()
+
+
+def _count(text: str, flag: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"{flag} must be a whole number, not {text!r}") from None
+    if value < 1:
+        raise ValueError(f"{flag} must be at least 1, not {value}")
+    return value
 
 
 def _run_sidecar(args: argparse.Namespace) -> int:
@@ -374,13 +424,21 @@ def _run_sidecar(args: argparse.Namespace) -> int:
             raise ValueError("--central (VALV_CENTRAL) is required")
         central_host, central_port = parse_address(args.central)
         host, port = parse_address(args.addr)
+        metrics_host, metrics_port = (parse_address(args.metrics_addr) if args.metrics_addr
+                                      else (None, 0))
         config = SidecarConfig(
             central_host=central_host, central_port=central_port, host=host, port=port,
             unix_socket=path(args.unix_socket), token_file=path(args.token_file),
             central_ca_file=path(args.central_ca_file),
             client_cert_file=path(args.client_cert_file),
             client_key_file=path(args.client_key_file),
-            ready_file=path(args.ready_file))
+            ready_file=path(args.ready_file),
+            cache_ttl_s=_seconds(args.cache_ttl, "--cache-ttl"),
+            cache_max_uses=_count(args.cache_max_uses, "--cache-max-uses"),
+            cache_max_entries=_count(args.cache_max_entries, "--cache-max-entries"),
+            usage_report_interval_s=_seconds(args.usage_report_interval,
+                                             "--usage-report-interval"),
+            metrics_host=metrics_host, metrics_port=metrics_port)
         SidecarServer(config)  # checks the addresses, token file and TLS files now
     except (argparse.ArgumentTypeError, ValueError, OSError) as exc:
         print(f"valv sidecar: error: {exc}", file=sys.stderr)

@@ -125,12 +125,15 @@ class CallTracker:
         await self._idle.wait()
 
 
-def write_ready_file(path: Path, tcp_address: tuple[str, int], unix_socket: Path | None) -> None:
-    """Tell supervisors and tests that the server accepts calls: {addr, unix_socket, pid},
-    written atomically."""
-    info = {"addr": f"{tcp_address[0]}:{tcp_address[1]}",
-            "unix_socket": str(unix_socket) if unix_socket else None,
-            "pid": os.getpid()}
+def write_ready_file(path: Path, tcp_address: tuple[str, int], unix_socket: Path | None, *,
+                     metrics: tuple[str, int] | None = None) -> None:
+    """Tell supervisors and tests that the server accepts calls: {addr, unix_socket, pid}
+    (and metrics, the HTTP address, when there is one), written atomically."""
+    info: dict[str, object] = {"addr": f"{tcp_address[0]}:{tcp_address[1]}",
+                               "unix_socket": str(unix_socket) if unix_socket else None,
+                               "pid": os.getpid()}
+    if metrics is not None:
+        info["metrics"] = f"{metrics[0]}:{metrics[1]}"
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(info))
     tmp.replace(path)

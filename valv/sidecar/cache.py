@@ -44,8 +44,9 @@ invalidation) but its result is not cached, and is zeroized once they are
 done with it.
 
 Invalidation (for the watch stream): :meth:`KekCache.invalidate_key`,
-:meth:`KekCache.invalidate_version`, :meth:`KekCache.invalidate_all` (after
-a reconnect or a gap in the stream).
+:meth:`KekCache.invalidate_version`, :meth:`KekCache.invalidate_prefix`
+(every key of a KeyRing), :meth:`KekCache.invalidate_all` (after a gap in
+the stream).
 
 Threads: state changes take a lock, so leases may be released from worker
 threads; ``get_or_fetch`` itself belongs to one event loop.
@@ -94,15 +95,23 @@ class FetchedKek:
 
     version_id: int
     kek: SecretBytes
+    # Whether the version was the key's primary when fetched (a change of
+    # primary invalidates the key, so this stays true while the entry lives).
+    is_primary: bool = False
+
+    def __repr__(self) -> str:
+        return f"FetchedKek(version_id={self.version_id}, is_primary={self.is_primary})"
 
 
 class _Entry:
-    __slots__ = ("kek", "key_name", "refs", "retired", "uses", "version_id")
+    __slots__ = ("is_primary", "kek", "key_name", "refs", "retired", "uses", "version_id")
 
-    def __init__(self, key_name: str, version_id: int, kek: SecretBytes) -> None:
+    def __init__(self, key_name: str, version_id: int, kek: SecretBytes,
+                 is_primary: bool = False) -> None:
         self.key_name = key_name
         self.version_id = version_id
         self.kek = kek
+        self.is_primary = is_primary
         self.uses = 0
         self.refs = 0
         self.retired = False  # no longer in the cache
@@ -145,6 +154,10 @@ class Lease:
     @property
     def version_id(self) -> int:
         return self._entry.version_id
+
+    @property
+    def is_primary(self) -> bool:
+        return self._entry.is_primary
 
     def release(self) -> None:
         cache, self._cache = self._cache, None
@@ -297,6 +310,19 @@ class KekCache:
                 if name == key_name and vid in (version_id, PRIMARY):
                     flight.stale = True
 
+    def invalidate_prefix(self, parent: str) -> None:
+        """Drop every key under ``parent`` (a KeyRing name: ``parent/cryptoKeys/...``)."""
+        prefix = parent.rstrip("/") + "/"
+        with self._lock:
+            self._entries.expire()
+            for cache_key in [k for k in self._entries if k[0].startswith(prefix)]:
+                self.stats.invalidations += self._remove(cache_key)
+            for name in [n for n in self._primary if n.startswith(prefix)]:
+                del self._primary[name]
+            for (name, _), flight in self._flights.items():
+                if name.startswith(prefix):
+                    flight.stale = True
+
     def invalidate_all(self) -> None:
         """Drop everything, e.g. after the watch stream reconnects or reports a gap."""
         with self._lock:
@@ -356,7 +382,7 @@ class KekCache:
 
     def _store(self, flight: _Flight, key_name: str, version_id: int,
                fetched: FetchedKek) -> _Entry:
-        entry = _Entry(key_name, fetched.version_id, fetched.kek)
+        entry = _Entry(key_name, fetched.version_id, fetched.kek, fetched.is_primary)
         entry.refs = 1  # the flight's reference, until every waiter has its own
         flight.entry = entry
         flight.ref_held = True

@@ -152,6 +152,7 @@ class Forwarder:
         self.tracker = tracker
         self.central = central
         self.paths = list(paths) if paths is not None else _service_paths()
+        self.forwarded = 0  # calls sent on to central
 
     def __mapping__(self) -> dict[str, grpclib.const.Handler]:
         return {path: grpclib.const.Handler(self._handler(path), Cardinality.UNARY_UNARY,
@@ -176,37 +177,42 @@ class Forwarder:
         limit_request_size(stream)
         self.tracker.enter()
         try:
-            request = await stream.recv_message()
-            try:
-                async with self.channel.request(
-                        path, Cardinality.UNARY_UNARY, bytes, bytes,
-                        deadline=stream.deadline,
-                        metadata=self._outgoing_metadata(stream.metadata)) as call:
-                    if request is None:  # central says what is wrong with that
-                        await call.send_request(end=True)
-                    else:
-                        await call.send_message(request, end=True)
-                    try:
-                        reply = await call.recv_message()
-                        await call.recv_trailing_metadata()
-                    except GRPCError as exc:
-                        await stream.send_trailing_metadata(
-                            status=exc.status, status_message=exc.message,
-                            status_details=exc.details,
-                            metadata=call.trailing_metadata or None)
-                        return
-                    if reply is None:
-                        raise GRPCError(Status.INTERNAL, "central returned no reply message")
-                    await stream.send_initial_metadata(metadata=call.initial_metadata or None)
-                    await stream.send_message(reply)
-                    await stream.send_trailing_metadata(
-                        metadata=call.trailing_metadata or None)
-            except TimeoutError:
-                raise GRPCError(Status.DEADLINE_EXCEEDED, "deadline exceeded") from None
-            except (OSError, StreamTerminatedError) as exc:
-                raise GRPCError(
-                    Status.UNAVAILABLE,
-                    f"central at {self.central} is unreachable: {type(exc).__name__}: {exc}"
-                ) from None
+            await self.relay(path, stream, await stream.recv_message())
         finally:
             self.tracker.leave()
+
+    async def relay(self, path: str, stream: Any, request: bytes | None) -> None:
+        """Send ``request`` (already read from ``stream``) to central and ``stream``
+        central's answer: reply, status, message, details and metadata as sent."""
+        self.forwarded += 1
+        try:
+            async with self.channel.request(
+                    path, Cardinality.UNARY_UNARY, bytes, bytes,
+                    deadline=stream.deadline,
+                    metadata=self._outgoing_metadata(stream.metadata)) as call:
+                if request is None:  # central says what is wrong with that
+                    await call.send_request(end=True)
+                else:
+                    await call.send_message(request, end=True)
+                try:
+                    reply = await call.recv_message()
+                    await call.recv_trailing_metadata()
+                except GRPCError as exc:
+                    await stream.send_trailing_metadata(
+                        status=exc.status, status_message=exc.message,
+                        status_details=exc.details,
+                        metadata=call.trailing_metadata or None)
+                    return
+                if reply is None:
+                    raise GRPCError(Status.UNAVAILABLE, "central returned no reply message; retry")
+                await stream.send_initial_metadata(metadata=call.initial_metadata or None)
+                await stream.send_message(reply)
+                await stream.send_trailing_metadata(
+                    metadata=call.trailing_metadata or None)
+        except TimeoutError:
+            raise GRPCError(Status.DEADLINE_EXCEEDED, "deadline exceeded") from None
+        except (OSError, StreamTerminatedError) as exc:
+            raise GRPCError(
+                Status.UNAVAILABLE,
+                f"central at {self.central} is unreachable: {type(exc).__name__}: {exc}"
+            ) from None

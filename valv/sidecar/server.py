@@ -1,4 +1,11 @@
-"""The sidecar process: local listeners, one channel to central, clean shutdown."""
+"""The sidecar process: local listeners, one channel to central, clean shutdown.
+
+Encrypt and Decrypt are answered locally (valv.sidecar.local) from two
+caches of KEK versions (valv.sidecar.cache), one per purpose; every other
+method is forwarded (valv.sidecar.forward). Background tasks: the watch
+stream (invalidations), usage reports, and a timer that wipes expired
+material even when no call comes.
+"""
 
 from __future__ import annotations
 
@@ -20,7 +27,11 @@ from valv.netutil import (
     remove_unix_socket,
     write_ready_file,
 )
+from valv.sidecar.cache import DEFAULT_MAX_ENTRIES, DEFAULT_MAX_USES, DEFAULT_TTL_SECONDS, KekCache
 from valv.sidecar.forward import Forwarder, TokenFile, client_ssl_context, raw_codecs
+from valv.sidecar.local import LocalCrypto
+from valv.sidecar.metrics import MetricsServer, Sample
+from valv.sidecar.upstream import CentralLink, Credentials, UsageReporter, Watcher
 
 log = logging.getLogger("valv.sidecar")
 
@@ -42,6 +53,13 @@ class SidecarConfig:
     client_key_file: Path | None = None
     ready_file: Path | None = None
     drain_timeout_s: float = 10.0
+    cache_ttl_s: float = DEFAULT_TTL_SECONDS
+    cache_max_uses: int = DEFAULT_MAX_USES
+    cache_max_entries: int = DEFAULT_MAX_ENTRIES
+    usage_report_interval_s: float = 10.0
+    watch_max_backoff_s: float = 5.0
+    metrics_host: str | None = None
+    metrics_port: int = 0
 
     @property
     def central(self) -> str:
@@ -59,6 +77,12 @@ class SidecarConfig:
         if (self.client_key_file is None) != (self.client_cert_file is None):
             raise SidecarConfigError(
                 "--client-cert-file and --client-key-file go together")
+        if self.cache_ttl_s <= 0 or self.cache_max_uses < 1 or self.cache_max_entries < 1:
+            raise SidecarConfigError(
+                "--cache-ttl must be positive, --cache-max-uses and --cache-max-entries >= 1")
+        if self.usage_report_interval_s <= 0 or self.watch_max_backoff_s <= 0:
+            raise SidecarConfigError(
+                "--usage-report-interval and the watch backoff must be positive")
 
 
 class SidecarServer:
@@ -73,6 +97,18 @@ class SidecarServer:
         self.channel: Channel | None = None
         self._servers: list[Server] = []
         self.tcp_address: tuple[str, int] | None = None
+        self.encrypt_cache = KekCache(ttl_s=config.cache_ttl_s, max_uses=config.cache_max_uses,
+                                      max_entries=config.cache_max_entries)
+        self.decrypt_cache = KekCache(ttl_s=config.cache_ttl_s, max_uses=config.cache_max_uses,
+                                      max_entries=config.cache_max_entries)
+        self.link: CentralLink | None = None
+        self.forwarder: Forwarder | None = None
+        self.local: LocalCrypto | None = None
+        self.watcher: Watcher | None = None
+        self.usage: UsageReporter | None = None
+        self.metrics: MetricsServer | None = None
+        self._stop_background = asyncio.Event()
+        self._background: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
         config = self.config
@@ -86,25 +122,127 @@ class SidecarServer:
                                ssl=self.ssl_context, **raw_codecs())
         forwarder = Forwarder(self.channel, token=self.token, tracker=self.tracker,
                               central=config.central)
-        tcp = Server([forwarder], **raw_codecs())
+        link = CentralLink(self.channel, Credentials(self.token), config.central)
+        caches = (self.encrypt_cache, self.decrypt_cache)
+        self.usage = UsageReporter(link, interval_s=config.usage_report_interval_s)
+        self.watcher = Watcher(link, caches, max_backoff_s=config.watch_max_backoff_s)
+        local = LocalCrypto(link=link, forwarder=forwarder, tracker=self.tracker,
+                            encrypt_cache=self.encrypt_cache, decrypt_cache=self.decrypt_cache,
+                            usage=self.usage)
+        self.link, self.forwarder, self.local = link, forwarder, local
+        stop = self._stop_background
+        self._background = [asyncio.create_task(self.watcher.run(stop)),
+                            asyncio.create_task(self.usage.run(stop)),
+                            asyncio.create_task(self._expire_caches(stop))]
+        # grpclib's Server looks methods up in the servables' merged mappings,
+        # later ones winning: the local Encrypt/Decrypt replace the forwarder's.
+        tcp = Server([forwarder, local], **raw_codecs())
         await tcp.start(config.host, config.port)
         self._servers.append(tcp)
         self.tcp_address = (config.host, bound_port(tcp))
         if config.unix_socket is not None:
-            unix = Server([forwarder], **raw_codecs())
+            unix = Server([forwarder, local], **raw_codecs())
             await unix.start(sock=bind_unix_socket(config.unix_socket))
             self._servers.append(unix)
+        metrics_address = None
+        if config.metrics_host is not None:
+            self.metrics = MetricsServer(self.samples, self.readiness)
+            await self.metrics.start(config.metrics_host, config.metrics_port)
+            metrics_address = self.metrics.address
         log.info("valv sidecar serving", extra={"fields": {
             "addr": f"{self.tcp_address[0]}:{self.tcp_address[1]}",
             "unix_socket": str(config.unix_socket) if config.unix_socket else None,
             "central": config.central, "tls": self.ssl_context is not None,
-            "token_file": str(config.token_file) if config.token_file else None}})
+            "token_file": str(config.token_file) if config.token_file else None,
+            "cache_ttl_s": config.cache_ttl_s, "cache_max_entries": config.cache_max_entries,
+            "metrics": f"{metrics_address[0]}:{metrics_address[1]}" if metrics_address
+            else None}})
         if config.ready_file is not None:
-            write_ready_file(config.ready_file, self.tcp_address, config.unix_socket)
+            write_ready_file(config.ready_file, self.tcp_address, config.unix_socket,
+                             metrics=metrics_address)
+
+    async def _expire_caches(self, stop: asyncio.Event) -> None:
+        """Wipe expired material about once a second, even when no call comes."""
+        interval = min(1.0, self.config.cache_ttl_s / 4)
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), interval)
+            except TimeoutError:
+                pass
+            self.encrypt_cache.expire()
+            self.decrypt_cache.expire()
+
+    def readiness(self) -> tuple[bool, str]:
+        if self.tracker.draining:
+            return False, "shutting down"
+        if self.watcher is None or not self.watcher.stats.connected:
+            return False, "the watch stream to central is not connected"
+        return True, "ready"
+
+    def samples(self) -> list[Sample]:
+        """Counters and gauges for /metrics (counts only: no names, no key bytes)."""
+        enc, dec = self.encrypt_cache.stats, self.decrypt_cache.stats
+        link, watch, usage = self.link, self.watcher, self.usage
+        return [
+            ("valv_sidecar_local_calls_total", "counter",
+             "Encrypt/Decrypt calls answered in the sidecar",
+             self.local.local_calls if self.local else 0),
+            ("valv_sidecar_forwarded_calls_total", "counter",
+             "calls forwarded to central", self.forwarder.forwarded if self.forwarder else 0),
+            ("valv_sidecar_central_fetches_total", "counter",
+             "FetchVersion calls to central", link.fetches if link else 0),
+            ("valv_sidecar_central_fetch_failures_total", "counter",
+             "FetchVersion calls that failed", link.fetch_failures if link else 0),
+            ("valv_sidecar_cache_hits_total", "counter", "cache hits", enc.hits + dec.hits),
+            ("valv_sidecar_cache_misses_total", "counter", "cache misses",
+             enc.misses + dec.misses),
+            ("valv_sidecar_cache_entries", "gauge", "KEK versions cached (both purposes)",
+             len(self.encrypt_cache) + len(self.decrypt_cache)),
+            ("valv_sidecar_cache_expirations_total", "counter", "entries expired (TTL)",
+             enc.expirations + dec.expirations),
+            ("valv_sidecar_cache_exhausted_total", "counter", "entries used up (max uses)",
+             enc.exhausted + dec.exhausted),
+            ("valv_sidecar_cache_evictions_total", "counter", "entries evicted for size",
+             enc.evictions + dec.evictions),
+            ("valv_sidecar_cache_invalidations_total", "counter",
+             "entries dropped by the watch stream", enc.invalidations + dec.invalidations),
+            ("valv_sidecar_watch_connected", "gauge", "1 while the watch stream is up",
+             1 if watch and watch.stats.connected else 0),
+            ("valv_sidecar_watch_events_total", "counter", "change events received",
+             watch.stats.events if watch else 0),
+            ("valv_sidecar_watch_resets_total", "counter", "RESET events received",
+             watch.stats.resets if watch else 0),
+            ("valv_sidecar_usage_reported_total", "counter",
+             "uses reported to central's audit log", usage.reported if usage else 0),
+            ("valv_sidecar_usage_pending", "gauge", "uses counted, not yet reported",
+             usage.pending if usage else 0),
+            ("valv_sidecar_usage_dropped_total", "counter",
+             "uses that could not be kept for reporting", usage.dropped if usage else 0),
+        ]
 
     async def stop(self) -> None:
         """Drain in-flight calls (bounded), then stop listening and close the channel."""
         await drain_and_close(self._servers, self.tracker, self.config.drain_timeout_s, log)
+        self._stop_background.set()
+        for task in self._background:
+            try:
+                await asyncio.wait_for(task, 5.0)
+            except (TimeoutError, asyncio.CancelledError):
+                pass
+            except Exception:
+                log.exception("background task failed at shutdown")
+        self._background = []
+        if self.usage is not None and self.usage.pending:
+            try:  # the last counts, so the audit log misses none
+                await asyncio.wait_for(self.usage.flush(), 5.0)
+            except Exception as exc:
+                log.error("could not report the last usage counts to central",
+                          extra={"fields": {"pending": self.usage.pending,
+                                            "error": f"{type(exc).__name__}: {exc}"}})
+        if self.metrics is not None:
+            await self.metrics.stop()
+        self.encrypt_cache.invalidate_all()  # wipe all material now
+        self.decrypt_cache.invalidate_all()
         if self.channel is not None:
             self.channel.close()
             self.channel = None
