@@ -470,6 +470,9 @@ class Processes:
         self.procs.remove(proc)
 
     def stop_all(self) -> None:
+        for proc in self.procs:  # all at once: each may take a while to drain
+            if proc.popen.poll() is None:
+                proc.popen.send_signal(signal.SIGTERM)
         for proc in reversed(list(self.procs)):
             self.stop(proc)
 
@@ -603,8 +606,7 @@ async def measure_memory(processes: Processes, central: str, versions: int) -> d
         entries = (await asyncio.to_thread(read_metrics, sidecar.info["metrics"])).get(
             "valv_sidecar_cache_entries")
     finally:
-        endpoint.close()
-        processes.stop(sidecar)
+        endpoint.close()  # the sidecar stops with the others, in parallel
     mb = 1024 * 1024
     return {"versions": len(names), "create_seconds": round(created_s, 1),
             "fill_seconds": round(fill.seconds, 1),
@@ -774,18 +776,22 @@ def format_report(report: dict[str, Any]) -> str:
     if counted:
         out.append("")
         out.append(f"Central calls per 100k sidecar Encrypts (default TTL, fresh key): "
-                   f"{counted['per_100k']:g}  ({counted['fetches']:g} fetches + "
+                   f"{counted['per_100k']:g}  ({counted['fetches']:g} FetchVersion + "
                    f"{counted['forwarded']:g} forwarded for {counted['encrypts']} Encrypts "
                    f"in {counted['seconds']:g} s)")
     memory = report.get("sidecar_memory")
     if memory:
         out.append("")
         out.append(f"Sidecar RSS: {memory['rss_mb']:.1f} MB with {memory['versions']} versions "
-                   f"cached ({memory['cache_entries']} cache entries); "
+                   f"cached ({_count(memory['cache_entries'])} cache entries); "
                    f"{memory['rss_before_mb']:.1f} MB before filling "
-                   f"({memory['cache_entries_before']} entries)  goal <= "
+                   f"({_count(memory['cache_entries_before'])} entries)  goal <= "
                    f"{memory['goal_mb']:g} MB: " + ("met" if memory["meets_goal"] else "NOT MET"))
     return "\n".join(out)
+
+
+def _count(value: float | None) -> str:
+    return "?" if value is None else f"{value:g}"
 
 
 # --- the command ------------------------------------------------------------------------------
