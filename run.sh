@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up everything Valv needs on a fresh machine, then run it: central on
-# 127.0.0.1:50051 and a sidecar on 127.0.0.1:50052 that forwards to it.
+# 127.0.0.1:50051 and a sidecar on 127.0.0.1:50052 (and valv-data/sidecar.sock)
+# that answers Encrypt/Decrypt from cached keys and forwards the rest.
 #
 #   ./run.sh                 central + sidecar, embedded store in ./valv-data
 #   ./run.sh --log-level debug   extra arguments go to `valv central`
@@ -47,7 +48,26 @@ for _ in $(seq 600); do  # up to 60 s for central to be ready
 done
 [[ -f "$ready" ]] || { echo "run.sh: central did not start in 60 s" >&2; exit 1; }
 
-.venv/bin/valv sidecar --central "$central_addr" --addr "$sidecar_addr" &
+sidecar_ready="$VALV_DATA_DIR/sidecar.ready"
+sidecar_socket="$VALV_DATA_DIR/sidecar.sock"
+rm -f "$sidecar_ready"
+.venv/bin/valv sidecar --central "$central_addr" --addr "$sidecar_addr" \
+  --unix-socket "$sidecar_socket" --ready-file "$sidecar_ready" &
 sidecar=$!
-echo "run.sh: central on $central_addr, sidecar on $sidecar_addr (Ctrl-C stops both)" >&2
+for _ in $(seq 300); do
+  [[ -f "$sidecar_ready" ]] && break
+  kill -0 "$sidecar" 2>/dev/null || { echo "run.sh: the sidecar exited" >&2; exit 1; }
+  sleep 0.1
+done
+cat >&2 <<EOF
+
+Valv is running (Ctrl-C stops both):
+  central  $central_addr    the whole Cloud KMS v1 API; create keys, set IAM here
+  sidecar  $sidecar_addr    same API; Encrypt/Decrypt answered from cached keys
+           unix:$sidecar_socket
+Try it:
+  .venv/bin/python examples/quickstart.py --central $central_addr --sidecar $sidecar_addr
+or point Google's client at either address (README, "Quick start").
+
+EOF
 wait -n "$central" "$sidecar"
