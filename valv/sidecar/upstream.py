@@ -184,6 +184,7 @@ class Watcher:
         self.stats = WatchStats()
         self._seq = 0  # 0: nothing to resume from
         self._on_change = on_change
+        self._failing = False
         self.connected = asyncio.Event()
 
     def _drop_all(self) -> None:
@@ -200,9 +201,8 @@ class Watcher:
             elif kind == kinds.CRYPTO_KEY_VERSION:
                 key_name, _, version = resource.rpartition("/cryptoKeyVersions/")
                 if key_name and version.isdigit():
+                    # Also drops the key's primary pointer if it points here.
                     cache.invalidate_version(key_name, int(version))
-                    # A new version or a state change may move the primary:
-                    # central also logs the key then, but be safe.
                 else:
                     cache.invalidate_all()
             elif kind in (kinds.IAM_POLICY, kinds.KEY_RING):
@@ -247,6 +247,11 @@ class Watcher:
         if self.stats.connected:
             log.warning("watch stream to central lost; cached material keeps serving until "
                         "its TTL, reconnecting", extra={"fields": {"reason": reason}})
+        elif not self._failing:  # once per streak of failed attempts, not every retry
+            log.warning("cannot open the watch stream to central; retrying with backoff "
+                        "(revocations reach this sidecar only through it)",
+                        extra={"fields": {"reason": reason}})
+        self._failing = True
         self.stats.connected = False
         self.connected.clear()
 
@@ -288,6 +293,7 @@ class Watcher:
             self._seq = event.seq
             self.stats.connects += 1
             self.stats.connected = True
+            self._failing = False
             self.connected.set()
             log.info("watching central for changes", extra={"fields": {
                 "seq": event.seq, "resumed": resumed}})
