@@ -185,13 +185,6 @@ def test_bench_default_suite_compares_central_with_the_floor() -> None:
         assert abs(ratio["value"] - central / floor) < 0.002
 
 
-def _sidecar_has_metrics() -> bool:
-    result = subprocess.run([sys.executable, "-m", "valv", "sidecar", "--help"],
-                            capture_output=True, text=True, timeout=60)
-    return "--metrics-addr" in result.stdout
-
-
-@pytest.mark.skipif(not _sidecar_has_metrics(), reason="the caching sidecar has not landed")
 def test_bench_sidecar_suite_produces_every_row_and_the_sidecar_figures() -> None:
     report = _bench("--suite", "sidecar", "--calls", "40", "--concurrency", "1,4",
                     "--sidecar-calls", "300", "--memory", "--memory-versions", "40")
