@@ -14,6 +14,7 @@ import logging
 import signal
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from grpclib.client import Channel
 from grpclib.server import Server
@@ -30,8 +31,10 @@ from valv.netutil import (
 from valv.sidecar.cache import DEFAULT_MAX_ENTRIES, DEFAULT_MAX_USES, DEFAULT_TTL_SECONDS, KekCache
 from valv.sidecar.forward import Forwarder, TokenFile, client_ssl_context, raw_codecs
 from valv.sidecar.local import LocalCrypto
-from valv.sidecar.metrics import MetricsServer, Sample
 from valv.sidecar.upstream import CentralLink, Credentials, UsageReporter, Watcher
+
+if TYPE_CHECKING:
+    from valv.sidecar.metrics import MetricsServer
 
 log = logging.getLogger("valv.sidecar")
 
@@ -106,7 +109,7 @@ class SidecarServer:
         self.local: LocalCrypto | None = None
         self.watcher: Watcher | None = None
         self.usage: UsageReporter | None = None
-        self.metrics: MetricsServer | None = None
+        self.metrics: MetricsServer | None = None  # only with --metrics-addr
         self._stop_background = asyncio.Event()
         self._background: list[asyncio.Task[None]] = []
 
@@ -146,6 +149,10 @@ class SidecarServer:
             self._servers.append(unix)
         metrics_address = None
         if config.metrics_host is not None:
+            # Imported only when asked for: aiohttp adds ~10 MB to a process
+            # that runs in every pod.
+            from valv.sidecar.metrics import MetricsServer
+
             self.metrics = MetricsServer(self.samples, self.readiness)
             await self.metrics.start(config.metrics_host, config.metrics_port)
             metrics_address = self.metrics.address
@@ -179,7 +186,7 @@ class SidecarServer:
             return False, "the watch stream to central is not connected"
         return True, "ready"
 
-    def samples(self) -> list[Sample]:
+    def samples(self) -> list[tuple[str, str, str, float]]:
         """Counters and gauges for /metrics (counts only: no names, no key bytes)."""
         enc, dec = self.encrypt_cache.stats, self.decrypt_cache.stats
         link, watch, usage = self.link, self.watcher, self.usage
