@@ -27,7 +27,7 @@ from tests.rmk_support import (
     softhsm,
     write_key_file,
 )
-from valv.core import records
+from valv.core import changelog, records
 from valv.core.clock import FakeClock
 from valv.core.crypto.rootkey import RootKey, RootKeyring, load_root_key_file
 from valv.core.keystore import KeyStore, KeystoreSettings, NewCryptoKey
@@ -143,13 +143,14 @@ def test_rotation_with_a_crash_then_only_the_new_key(tmp_path: Path, project: st
         done = run_valv("rmk", "rotate", "--data-dir", str(data_dir), *both, "--batch-size", "4")
         assert done.returncode == 0, done.stderr
         progress = [line for line in done.stderr.splitlines() if "records scanned (" in line]
-        total = sum(seal_ids(db).values())
+        records_now = sum(seal_ids(db).values())
+        total = records_now - 1  # what it scanned: all but its own root_keys change entry
         assert progress[0].startswith(f"rmk rotate: 0/{total} records scanned (0%)")
         assert progress[-1].startswith(f"rmk rotate: {total}/{total} records scanned (100%)")
         assert f"nothing refers to {a_id} any more" in done.stderr
         status = json.loads(run_valv("rmk", "status", "--data-dir", str(data_dir),
                                      *both).stdout)
-        assert status["needs_rotation"] == 0 and status["sealed_by_rmk"] == {b_id: total}
+        assert status["needs_rotation"] == 0 and status["sealed_by_rmk"] == {b_id: records_now}
         again = run_valv("rmk", "rotate", "--data-dir", str(data_dir), *both)
         assert again.returncode == 0 and ", 0 resealed" in again.stderr  # idempotent
     finally:
@@ -331,14 +332,23 @@ async def test_resealing_preserves_every_value(tmp_path: Path) -> None:
     await store.close()
     ring_ab = RootKeyring([a, b])
     store = SealedStore(SqliteStore(str(db)), Sealer(ring_ab))
-    progress = await RmkRotation(store, ring_ab, batch_size=3).run()
+    head_before = await changelog.head(store)
+    rotation = RmkRotation(store, ring_ab, batch_size=3)
+    progress = await rotation.run()
+    # The finished rotation tells every central (and their sidecars): a root_keys entry.
+    assert rotation.change_seq == head_before + 1 == await changelog.head(store)
+    last = (await changelog.read_since(store, head_before)).changes
+    assert [(c.kind, c.resource) for c in last] == [(changelog.ROOT_KEYS, "")]
     await store.close()
     assert progress.problem_count == 0 and progress.rewrapped == len(kek_before) == 6
     ring_b = RootKeyring([b])
     after = opened(ring_b)
-    assert after.keys() == before.keys()
-    assert {k: v for k, v in after.items() if unpack(k)[0] != "km"} == {
-        k: v for k, v in before.items() if unpack(k)[0] != "km"}
+    entry, log_head = records.change_key(head_before + 1), records.CHANGE_HEAD_KEY
+    assert after.keys() == before.keys() | {entry}
+    unchanged = {k: v for k, v in after.items()
+                 if unpack(k)[0] != "km" and k not in (entry, log_head)}
+    assert unchanged == {k: v for k, v in before.items()
+                         if unpack(k)[0] != "km" and k != log_head}
     assert keks(ring_b, after) == kek_before  # the same KEKs, wrapped under B
 
 

@@ -68,6 +68,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                                         "FAILED (anything but OK), or a status name such as "
                                         "FAILED_PRECONDITION")
     query.add_argument("--rpc", help="the RPC, e.g. DestroyCryptoKeyVersion")
+    query.add_argument("--reported", action="store_true",
+                       help="only Encrypt/Decrypt counts reported by sidecars (ReportUsage); "
+                            "their records show \"reported_by\": \"sidecar\"")
     query.add_argument("--limit", type=int, default=0, help="stop after N records")
     query.set_defaults(func=_run_query)
 
@@ -197,7 +200,8 @@ def _run_query(args: argparse.Namespace) -> int:
         q = Query(principal=args.principal, resource=args.resource,
                   since=parse_time(args.since, now=now) if args.since else None,
                   until=parse_time(args.until, now=now) if args.until else None,
-                  result=args.result, rpc=args.rpc)
+                  result=args.result, rpc=args.rpc,
+                  reported=True if args.reported else None)
     except ValueError as exc:
         print(f"{_ERRORS} query: error: {exc}", file=sys.stderr)
         return 2

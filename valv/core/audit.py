@@ -53,6 +53,14 @@ principal x key version x minute and flushed in batches, so the hot path
 does no storage I/O. Refusals of callers that could not be authenticated are
 counted the same way, per caller host x RPC x reason x minute, so that
 anyone who can reach the port can't make central write a record per call.
+
+Sidecars answer Encrypt/Decrypt themselves and report per-minute counts
+(valv.sidecar.v1.KeyMaterial/ReportUsage): ``DataAccessAggregator.add_reported``
+turns them into the same DATA_ACCESS_AGGREGATE records, with the sidecar's
+principal, auth method and address, the reported window, and request_json
+``{"reported_by":"sidecar"}`` (REPORTED_REQUEST): ``record_to_json`` shows
+it as ``"reported_by": "sidecar"`` and ``valv audit query --reported`` selects
+them.
 """
 
 from __future__ import annotations
@@ -91,6 +99,11 @@ _AUDIT_SPACE = (pack(RECORD_PREFIX)[:-1], pack(RECORD_PREFIX)[:-2] + b"u")
 
 RecordKind = pb.RecordKind
 AuditRecord = pb.AuditRecord
+
+# request_json of the aggregate records of usage a sidecar reported (ReportUsage).
+REPORTED_BY = "sidecar"
+REPORTED_REQUEST: Final = {"reported_by": REPORTED_BY}
+REPORTED_REQUEST_JSON: Final = '{"reported_by":"sidecar"}'
 
 # Principals of work the server does on its own.
 SCHEDULER_PRINCIPAL = "system:scheduler"
@@ -819,6 +832,8 @@ def record_to_json(record: pb.AuditRecord) -> dict[str, Any]:
     if record.status_message:
         out["message"] = record.status_message
     if aggregate:
+        if is_reported(record):
+            out["reported_by"] = REPORTED_BY
         out["count"] = record.count
         out["window_start"] = _iso(record.window_start_us)
         out["window_end"] = _iso(record.window_end_us)
@@ -832,6 +847,12 @@ def record_to_json(record: pb.AuditRecord) -> dict[str, Any]:
     out["prev_hash"] = bytes(record.prev_hash).hex()
     out["hash"] = bytes(record.hash).hex()
     return out
+
+
+def is_reported(record: pb.AuditRecord) -> bool:
+    """A DATA_ACCESS_AGGREGATE of usage a sidecar reported (not counted by central)."""
+    return (record.kind == pb.RecordKind.DATA_ACCESS_AGGREGATE
+            and record.request_json == REPORTED_REQUEST_JSON)
 
 
 DENIED_STATUSES = frozenset({"UNAUTHENTICATED", "PERMISSION_DENIED"})
@@ -850,6 +871,8 @@ class Query:
     # but OK), or a status name.
     result: str | None = None
     rpc: str | None = None
+    # True: only usage reported by sidecars; False: none of it.
+    reported: bool | None = None
 
     def matches(self, record: pb.AuditRecord) -> bool:
         if self.principal is not None and record.principal != self.principal:
@@ -864,6 +887,8 @@ class Query:
         if self.until is not None and record.time_us >= to_micros(self.until):
             return False
         if self.rpc is not None and record.rpc != self.rpc:
+            return False
+        if self.reported is not None and is_reported(record) != self.reported:
             return False
         if self.result is not None:
             wanted = self.result.upper()
@@ -912,11 +937,13 @@ DEFAULT_MAX_REFUSALS = 1_000
 # Refusal reasons are cut to this many bytes (they come from the authenticator
 # and may quote what the caller sent).
 MAX_REASON_BYTES = 256
+# The largest count one record holds (its field is a uint64).
+MAX_COUNT = 2**64 - 1
 OVERFLOW_REASON = "(more distinct callers, RPCs or reasons than are counted apart: counted here)"
 
 # (kind, principal, auth_method, rpc, resource, target, status, message, peer,
-# window_start_us)
-_BucketKey = tuple[pb.RecordKind, str, str, str, str, str, str, str, str, int]
+# window_start_us, reported by a sidecar)
+_BucketKey = tuple[pb.RecordKind, str, str, str, str, str, str, str, str, int, bool]
 _WINDOW_FIELD: Final = 9
 
 
@@ -989,25 +1016,46 @@ class DataAccessAggregator:
 
     def add(self, call: CallContext, *, status: str, target: str = "") -> None:
         key = (pb.RecordKind.DATA_ACCESS_AGGREGATE, call.principal.member, call.principal.method,
-               call.rpc, call.resource, target, status, "", "", self._window())
+               call.rpc, call.resource, target, status, "", "", self._window(), False)
+        _count(self._data_bucket(key), call.peer)
+
+    def add_reported(self, call: CallContext, *, rpc: str, resource: str, target: str,
+                     status: str, window_start_us: int, count: int) -> None:
+        """Count ``count`` uses a sidecar reported for the minute at ``window_start_us``.
+
+        ``call`` is the ReportUsage call: its principal (the sidecar's identity),
+        auth method and peer go into the record, marked as reported
+        (REPORTED_REQUEST). The caller validates the values; the window must
+        start on a minute and ``count`` be positive.
+        """
+        if window_start_us % _WINDOW_US or count < 1:
+            raise ValueError("a reported window starts on a minute and has a positive count")
+        key = (pb.RecordKind.DATA_ACCESS_AGGREGATE, call.principal.member, call.principal.method,
+               rpc, resource, target, status, "", "", window_start_us, True)
+        bucket = self._data_bucket(key)
+        bucket.count += count - 1
+        _count(bucket, call.peer)
+
+    def _data_bucket(self, key: _BucketKey) -> _Bucket:
         bucket = self._buckets.get(key)
         if bucket is None:
             bucket = self._buckets[key] = _Bucket()
             if len(self._buckets) >= self._max_pending:
                 self._wake.set()
-        _count(bucket, call.peer)
+        return bucket
 
     def add_refusal(self, call: CallContext, *, status: str, reason: str) -> None:
         """Count a refused call from a caller that could not be authenticated."""
         window = self._window()
         key = (pb.RecordKind.DENIED, call.principal.member, call.principal.method, call.rpc,
-               "", "", status, _cut(reason, MAX_REASON_BYTES)[0], peer_host(call.peer), window)
+               "", "", status, _cut(reason, MAX_REASON_BYTES)[0], peer_host(call.peer), window,
+               False)
         bucket = self._refusals.get(key)
         if bucket is None:
             if len(self._refusals) >= self._max_refusals:
                 self._wake.set()
                 key = (pb.RecordKind.DENIED, call.principal.member, call.principal.method, "",
-                       "", "", status, OVERFLOW_REASON, "", window)
+                       "", "", status, OVERFLOW_REASON, "", window, False)
                 bucket = self._refusals.get(key)
             if bucket is None:
                 bucket = self._refusals[key] = _Bucket()
@@ -1111,10 +1159,11 @@ def _count(bucket: _Bucket, peer: str) -> None:
 
 
 def _aggregate_entry(key: _BucketKey, bucket: _Bucket) -> AuditEntry:
-    kind, principal, method, rpc, resource, target, status, message, peer, start = key
+    kind, principal, method, rpc, resource, target, status, message, peer, start, reported = key
     return AuditEntry(kind=kind, principal=principal, auth_method=method, rpc=rpc,
                       resource=resource, target=target, status=status, status_message=message,
-                      peer=peer, count=bucket.count, window_start_us=start,
+                      request=REPORTED_REQUEST if reported else {}, peer=peer,
+                      count=min(bucket.count, MAX_COUNT), window_start_us=start,
                       window_end_us=start + _WINDOW_US, peers=tuple(bucket.peers))
 
 
@@ -1167,6 +1216,7 @@ __all__ = [
     "compute_hash",
     "entry_for_call",
     "entry_for_change",
+    "is_reported",
     "query",
     "record_key",
     "record_to_json",

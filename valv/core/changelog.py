@@ -18,12 +18,21 @@ order, and ``read_since`` hides how seqs are made).
 Kinds: ``crypto_key`` (the key record changed: primary, rotation, template,
 labels; resource: the key), ``version`` (a version was created or changed
 state, was destroyed or restored; resource: the version), ``iam`` (a policy
-was set; resource: the KeyRing or CryptoKey), ``key_ring`` (created).
+was set; resource: the KeyRing or CryptoKey), ``key_ring`` (created),
+``root_keys`` (an RMK rotation finished, valv.core.rmk_rotation; resource:
+empty: whoever caches key material drops all of it).
 
 Every central runs a ChangeFollower: it polls for entries after the last seq
 it has seen and drops what it caches about each changed resource, so a change
 through another central reaches it within the poll interval instead of the
-cache TTL. ``read_since`` is the same read for the sidecar Watch stream.
+cache TTL. ``wake()`` makes it poll at once: central calls it when a change
+through itself commits (KeyStore.after_change), so its own changes reach its
+listeners (and the sidecars' Watch streams, valv.core.changehub) in
+milliseconds. The poll interval then only bounds changes through other
+centrals. Whatever learns of a commit can call ``wake()``: on FoundationDB a
+watch on the head key could, from its callback thread through
+``loop.call_soon_threadsafe(follower.wake)``, and the interval becomes a
+fallback. ``read_since`` is the same read for the sidecar Watch stream.
 
 Retention: entries older than RETENTION (1 hour) are trimmed, a bounded batch
 per transaction, by every follower (any number may race: each batch re-reads
@@ -50,6 +59,8 @@ CRYPTO_KEY = "crypto_key"
 VERSION = "version"
 IAM = "iam"
 KEY_RING = "key_ring"
+ROOT_KEYS = "root_keys"
+KINDS = frozenset({CRYPTO_KEY, VERSION, IAM, KEY_RING, ROOT_KEYS})
 
 RETENTION = timedelta(hours=1)
 DEFAULT_POLL_INTERVAL_S = 0.2
@@ -172,6 +183,12 @@ class ChangeFollower:
         self._trim_interval_s = trim_interval_s
         # The last seq seen; None until start() (or the first poll) reads the head.
         self.seen: int | None = None
+        # Set by wake(): poll now rather than at the end of the interval.
+        self._wakeup = asyncio.Event()
+
+    def wake(self) -> None:
+        """Poll as soon as possible (a change was just committed). Event-loop thread only."""
+        self._wakeup.set()
 
     async def start(self) -> None:
         """Begin at the current head: caches start empty, so older changes don't matter."""
@@ -209,6 +226,8 @@ class ChangeFollower:
         next_trim = loop.time()
         failing = False
         while not stop.is_set():
+            # Cleared before the poll: a wake() during it means another poll at once.
+            self._wakeup.clear()
             try:
                 await self.poll()
                 failing = False
@@ -224,7 +243,16 @@ class ChangeFollower:
                     await trim(self._store, self._clock, self._retention)
                 except Exception:
                     log.exception("change log trim failed; retrying later")
-            try:
-                await asyncio.wait_for(stop.wait(), self.poll_interval_s)
-            except TimeoutError:
-                pass
+            await self._idle(stop)
+
+    async def _idle(self, stop: asyncio.Event) -> None:
+        """Wait for the poll interval, a wake() or ``stop``, whichever comes first."""
+        if self._wakeup.is_set():
+            return
+        waiters = {asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._wakeup.wait())}
+        try:
+            await asyncio.wait(waiters, timeout=self.poll_interval_s,
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()

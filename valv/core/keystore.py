@@ -171,6 +171,10 @@ class KeyStore:
         # call that made it (None for the scheduler): how audit records are
         # written atomically with what they record.
         self.change_hook: ChangeHook | None = None
+        # Called on the event loop once a change's transaction has finished
+        # (committed or not): central wakes its change-log follower with it, so
+        # the change reaches its listeners and Watch streams at once.
+        self.after_change: Callable[[], None] | None = None
         self._use_cache = UseCache(self.settings.use_cache_ttl.total_seconds())
 
     # ---- locations ---------------------------------------------------------
@@ -867,6 +871,8 @@ class KeyStore:
                 self._use_cache.invalidate(cache_key)
             if not done.cancelled():
                 done.exception()  # retrieved: a cancelled caller can't, and asyncio would warn
+            if self.after_change is not None:
+                self.after_change()
 
         operation.add_done_callback(finished)
         return await asyncio.shield(operation)

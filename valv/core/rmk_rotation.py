@@ -25,6 +25,12 @@ run it again and it finishes the job, with no progress state to keep.
 A record that cannot be opened (sealed under an RMK that is not configured,
 or tampered with) is left exactly as it is and reported; the rotation goes on
 with the others and reports failure at the end.
+
+When the walk is done, the rotation appends a ``root_keys`` entry to the
+change log (valv.core.changelog), in a transaction of its own: every central
+sees it within its poll interval and passes it to the sidecars' Watch
+streams, which drop every cached KEK and fetch again. A run that crashes
+appends nothing; the run that finishes the job does.
 """
 
 from __future__ import annotations
@@ -34,7 +40,8 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from valv.core import records
+from valv.core import changelog, records
+from valv.core.clock import Clock, SystemClock, to_micros
 from valv.core.crypto.errors import KeyUnwrapError, UnknownRootKeyError
 from valv.core.crypto.rootkey import RootKeyring
 from valv.core.errors import DataLoss
@@ -166,14 +173,18 @@ class RmkRotation:
 
     def __init__(self, store: SealedStore, keyring: RootKeyring, *,
                  batch_size: int = DEFAULT_BATCH_SIZE,
-                 on_progress: Callable[[Progress], None] | None = None) -> None:
+                 on_progress: Callable[[Progress], None] | None = None,
+                 clock: Clock | None = None) -> None:
         if not 1 <= batch_size <= MAX_BATCH_SIZE:
             raise ValueError(f"batch size must be between 1 and {MAX_BATCH_SIZE}")
         self._store = store
         self._keyring = keyring
         self._batch_size = batch_size
         self._on_progress = on_progress
+        self._clock: Clock = clock or SystemClock()
         self.newest_id = keyring.newest_id
+        # The change log seq of the root_keys entry the finished run appended.
+        self.change_seq: int | None = None
 
     async def run(self) -> Progress:
         """Rotate everything; returns the counts (``problems`` lists what was left)."""
@@ -197,6 +208,10 @@ class RmkRotation:
                 progress.problem(key, issue)
             self._report(progress)
             begin = result.next_begin
+        # Done: tell every central (and through them the sidecars) to drop cached KEKs.
+        now_us = to_micros(self._clock.now())
+        self.change_seq = await self._store.run(
+            lambda tr: changelog.append(tr, now_us, changelog.ROOT_KEYS, ""))
         return progress
 
     def _report(self, progress: Progress) -> None:
