@@ -495,6 +495,52 @@ async def test_aggregates_are_per_principal_version_and_minute(tmp_path: Path) -
         assert got[4] == ("user:dev", "Encrypt", "1", "OK", 1, 1)
 
 
+async def test_reported_usage_is_aggregated_apart_and_marked(tmp_path: Path) -> None:
+    """ReportUsage counts (valv.central.usage): records of their own, under the
+    reporting sidecar's name, marked as reported; never merged with central's."""
+    from valv.central.usage import ReportedUse
+
+    version = f"{KEY}/cryptoKeyVersions/1"
+    for mode in DataAccessMode:
+        (tmp_path / mode.value).mkdir()
+        async with audited(tmp_path / mode.value, mode) as env:
+            await _key_with_two_versions(env)
+            before = len(await env.records())
+            sidecar = CallContext(rpc="ReportUsage", principal=Principal("user:sc", "mtls"),
+                                  peer=PEER, request_id="r")
+            start = env.clock.now().timestamp() // 60 * 60_000_000
+            uses = [ReportedUse("Encrypt", KEY, version, "OK", int(start) - 60_000_000, 40),
+                    ReportedUse("Encrypt", KEY, version, "OK", int(start) - 60_000_000, 2)]
+            counted = env.auditor.record_reported(sidecar, uses)
+            await env.call("Encrypt", lambda: env.ks.encrypt(KEY, b"x", b""), resource=KEY,
+                           principal=sidecar.principal)
+            await env.auditor.aggregator.flush(everything=True)
+            new = (await env.records())[before:]
+            reported = [r for r in new if audit.is_reported(r)]
+            if mode is DataAccessMode.OFF:
+                assert counted == 0 and new == []
+                continue
+            assert counted == 2
+            assert [(r.kind, r.principal, r.auth_method, r.rpc, r.resource, r.target, r.count,
+                     r.window_end_us - r.window_start_us, list(r.peers)) for r in reported] == [
+                (RecordKind.DATA_ACCESS_AGGREGATE, "user:sc", "mtls", "Encrypt", KEY, version,
+                 42, 60_000_000, [PEER])]
+            assert audit.record_to_json(reported[0])["reported_by"] == "sidecar"
+            assert Query(reported=True).matches(reported[0])
+            assert not Query(reported=False).matches(reported[0])
+            central_own = [r for r in new if not audit.is_reported(r)]
+            assert len(central_own) == 1 and "reported_by" not in audit.record_to_json(
+                central_own[0])
+            with pytest.raises(ValueError):
+                env.auditor.aggregator.add_reported(sidecar, rpc="Encrypt", resource=KEY,
+                                                    target=version, status="OK",
+                                                    window_start_us=int(start) + 1, count=1)
+            with pytest.raises(ValueError):
+                env.auditor.aggregator.add_reported(sidecar, rpc="Encrypt", resource=KEY,
+                                                    target=version, status="OK",
+                                                    window_start_us=int(start), count=0)
+
+
 async def test_full_mode_writes_one_record_per_call_and_off_writes_none(tmp_path: Path) -> None:
     k = 7
     for mode, expected in ((DataAccessMode.FULL, k), (DataAccessMode.OFF, 0)):

@@ -78,6 +78,10 @@ EXPECTED: dict[str, str | None] = {
     "WaitOperation": None,
     # By the request's purpose; see test_material_service.
     "FetchVersion": "useToEncrypt or useToDecrypt, by purpose",
+    # Authenticated, no resource permission: Watch filters key events per principal
+    # (test_watch_service), ReportUsage records under the caller's own name.
+    "Watch": None,
+    "ReportUsage": None,
 }
 
 LOC = "projects/p/locations/global"
@@ -167,6 +171,8 @@ def test_the_resource_comes_from_the_right_field(rpc: str, request_message: Any,
 def test_no_permission_needed() -> None:
     assert required("TestIamPermissions", iam_pb.TestIamPermissionsRequest(resource=KEY)) is None
     assert required("GetOperation", object()) is None
+    assert required("Watch", sidecar_pb.WatchRequest(after_seq=7)) is None
+    assert required("ReportUsage", sidecar_pb.ReportUsageRequest()) is None
 
 
 def test_an_rpc_without_a_rule_is_refused() -> None:

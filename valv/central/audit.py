@@ -15,7 +15,10 @@
   records nothing; ``aggregate`` counts in memory per principal x key
   version x minute (DataAccessAggregator, flushed in batches); ``full`` writes
   one record per call in its own transaction.
-- Reads (Get*, List*, TestIamPermissions) are not recorded unless denied.
+- Reads (Get*, List*, TestIamPermissions) are not recorded unless denied,
+  nor are a sidecar's Watch streams (a subscription, not a change) and its
+  ReportUsage calls (what they report becomes DATA_ACCESS_AGGREGATE records
+  of its own, ``record_reported``; valv.central.usage).
 
 ``finished`` runs after the call's response was sent, so the caller may be
 gone (a reset stream cancels the task): a record it writes is written by a
@@ -32,7 +35,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
 from grpclib import GRPCError
 
@@ -52,6 +56,9 @@ from valv.core.calls import UNAUTHENTICATED_PRINCIPAL, CallContext
 from valv.core.clock import Clock
 from valv.core.storage.base import Transaction
 
+if TYPE_CHECKING:
+    from valv.central.usage import ReportedUse
+
 log = logging.getLogger("valv.audit")
 
 # Calls that use key material or the RNG: audited by the data-access mode.
@@ -60,9 +67,11 @@ DATA_ACCESS_RPCS = frozenset({
     "MacSign", "MacVerify", "RawEncrypt", "RawDecrypt", "Decapsulate",
     "FetchVersion",  # valv.sidecar.v1.KeyMaterial: a sidecar fetching material to use
 })
-# Reads that change nothing; every other RPC is treated as state-changing, so a
-# new RPC is audited until someone says otherwise.
-READ_ONLY_RPCS = frozenset({"TestIamPermissions"})
+# Calls not recorded themselves unless denied: reads that change nothing, and
+# valv.sidecar.v1 Watch (a subscription) and ReportUsage (its counts become
+# records, ``record_reported``). Every other RPC is treated as state-changing,
+# so a new RPC is audited until someone says otherwise.
+READ_ONLY_RPCS = frozenset({"TestIamPermissions", "Watch", "ReportUsage"})
 READ_ONLY_PREFIXES = ("Get", "List")
 
 
@@ -191,6 +200,21 @@ class CentralAuditor:
                 log.debug("call cancelled while its audit record is being written; the "
                           "write goes on", extra={"fields": fields})
             raise
+
+    def record_reported(self, call: CallContext, uses: Iterable[ReportedUse]) -> int:
+        """Usage a sidecar reported (ReportUsage, checked by valv.central.usage): counted
+        into the data-access aggregates under the caller's name, marked as reported.
+        Nothing with data access ``off``. How many entries were counted."""
+        if self.data_access is DataAccessMode.OFF:
+            return 0
+        counted = 0
+        for use in uses:
+            self.aggregator.add_reported(call, rpc=use.rpc, resource=use.resource,
+                                         target=use.target, status=use.status,
+                                         window_start_us=use.window_start_us, count=use.count)
+            counted += 1
+        self._ensure_flusher()
+        return counted
 
     async def _write(self, entry: AuditEntry, fields: dict[str, Any]) -> None:
         """Write one record; never raises an Exception (failures are logged and counted)."""

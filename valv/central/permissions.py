@@ -22,6 +22,11 @@ Decisions where Valv had to choose:
 - ImportCryptoKeyVersion checks cryptoKeyVersions.create on the key; Cloud
   KMS also checks importJobs.useToImport on the import job, which Valv will
   add when import jobs exist.
+- valv.sidecar.v1 Watch and ReportUsage need an authenticated caller but no
+  permission on a resource: Watch sends key events only to principals that
+  may use the key (valv.central.watch filters them per event) and IAM,
+  KeyRing and root-key events to every stream; ReportUsage records counts
+  under the caller's own name only.
 - google.longrunning.Operations: Valv has no long-running operations, so
   these need no permission and answer UNIMPLEMENTED; give them a permission
   before implementing them.
@@ -162,6 +167,8 @@ RULES: dict[str, Rule] = {
     # ---- valv.sidecar.v1.KeyMaterial (sidecars only: DESIGN.md §5)
     "FetchVersion": Rule(MATERIAL_PERMISSION, "crypto_key", Shape.CRYPTO_KEY,
                          choose=_material_permission),
+    "Watch": Rule(None, "after_seq", Shape.NONE),
+    "ReportUsage": Rule(None, "counts", Shape.NONE),
 }
 
 

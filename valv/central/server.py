@@ -25,7 +25,9 @@ from valv.central.service import (
     LocationsService,
     OperationsService,
 )
+from valv.central.watch import DEFAULT_HEARTBEAT_S, Watches, WatchSettings
 from valv.core.audit import DEFAULT_FLUSH_INTERVAL_S, AuditLog, DataAccessMode
+from valv.core.changehub import ChangeHub
 from valv.core.changelog import DEFAULT_POLL_INTERVAL_S, ChangeFollower
 from valv.core.clock import Clock, FileClock, SystemClock
 from valv.core.crypto.errors import RootKeyConfigError
@@ -96,6 +98,8 @@ class CentralConfig:
     # How often the change log is polled for changes made through other
     # centrals (valv.core.changelog); they reach this one's caches that fast.
     changelog_poll_interval_s: float = DEFAULT_POLL_INTERVAL_S
+    # Seconds between HEARTBEAT events on an idle sidecar Watch stream (--watch-heartbeat).
+    watch_heartbeat_s: int = DEFAULT_HEARTBEAT_S
     # Caller authentication and TLS; the default is dev mode (everyone is user:dev).
     auth: AuthSettings = field(default_factory=AuthSettings)
 
@@ -177,6 +181,8 @@ class CentralServer:
         self._audit_task: asyncio.Task[None] | None = None
         self._follower_stop = asyncio.Event()
         self._follower_task: asyncio.Task[None] | None = None
+        # Every change-log entry the follower reads, to the sidecars' Watch streams.
+        self.hub = ChangeHub()
 
     async def start(self) -> None:
         config = self.config
@@ -209,8 +215,12 @@ class CentralServer:
         # Changes made through other centrals sharing the store drop this
         # one's cached key state and policies (valv.core.changelog). Starts at
         # the current head, before serving: the caches are empty now.
-        follower = ChangeFollower(self._store, self.clock, [self.keystore, self.iam],
+        # The hub comes last: by the time a Watch stream filters an event by
+        # IAM, the cached policies that event invalidates are gone.
+        follower = ChangeFollower(self._store, self.clock, [self.keystore, self.iam, self.hub],
                                   poll_interval_s=config.changelog_poll_interval_s)
+        # A change through this central is read back at once, not at the next poll.
+        self.keystore.after_change = follower.wake
         try:
             await follower.start()
         except Exception as exc:  # e.g. an unreadable head: calls report it; run() retries
@@ -222,7 +232,11 @@ class CentralServer:
                                      LocationsService(self.keystore, self.calls),
                                      IamPolicyService(self.iam, self.calls),
                                      OperationsService(self.calls),
-                                     KeyMaterialService(self.keystore, self.calls)]
+                                     KeyMaterialService(
+                                         self.keystore, self.calls,
+                                         watches=Watches(self._store, self.hub, self.iam,
+                                                         WatchSettings(config.watch_heartbeat_s)),
+                                         auditor=self.auditor, clock=self.clock)]
         tcp = Server(handlers, **server_codecs())
         await tcp.start(config.host, config.port, ssl=self.authentication.ssl_context)
         self._servers.append(tcp)
@@ -249,6 +263,11 @@ class CentralServer:
 
     async def stop(self) -> None:
         """Drain in-flight calls (bounded), then stop listening and close storage."""
+        # Watch streams never end on their own: end them now (UNAVAILABLE, the
+        # sidecars reconnect elsewhere or later) rather than wait out the drain.
+        # No await before drain_and_close marks the server as draining, so no
+        # new Watch can start in between.
+        self.hub.close()
         await drain_and_close(self._servers, self.tracker, self.config.drain_timeout_s, log)
         if self._scheduler_task is not None:
             # A tick finishes the item it is on (one transaction) and stops.
