@@ -271,6 +271,9 @@ class Watcher:
                     if receive not in done:
                         receive.cancel()
                         if stopping in done:
+                            # Reset the stream: leaving the block without it would wait
+                            # for central's trailers, which a Watch never sends.
+                            await stream.cancel()
                             return
                         raise TimeoutError(f"no event or heartbeat for {silence_limit:.0f} s")
                     raw = receive.result()
