@@ -24,6 +24,7 @@ from multidict import MultiDict
 
 from valv.central.authn import AuthSettings, GrpcAuthenticator, connection_of, setup_authentication
 from valv.central.calls import DevAuthenticator
+from valv.core.addresses import is_loopback
 from valv.core.authn import (
     AuthConfigError,
     Authn,
@@ -33,7 +34,6 @@ from valv.core.authn import (
     StaticTokens,
     VerificationKey,
     hash_token,
-    is_loopback,
     looks_like_jwt,
     principal_from_certificate,
 )

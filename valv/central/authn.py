@@ -31,13 +31,13 @@ from pathlib import Path
 from typing import Any
 
 from valv.central.calls import Authenticator, DevAuthenticator, peer_address
+from valv.core.addresses import is_loopback
 from valv.core.authn import (
     AuthConfigError,
     Authn,
     Connection,
     JwtVerifier,
     StaticTokens,
-    is_loopback,
 )
 from valv.core.calls import CallContext
 from valv.core.errors import Unauthenticated

@@ -30,7 +30,6 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import ipaddress
 import json
 import re
 import string
@@ -44,6 +43,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
+from valv.core.addresses import is_loopback
 from valv.core.calls import Principal
 from valv.core.errors import Unauthenticated
 
@@ -526,19 +526,6 @@ def principal_from_certificate(cert: Mapping[str, Any]) -> Principal:
 
 
 # ---- the rules -------------------------------------------------------------------------------
-
-
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` (an address or "localhost") is on this machine only."""
-    if host.lower() == "localhost":
-        return True
-    try:
-        address = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return address.is_loopback
 
 
 @dataclass(frozen=True, slots=True)

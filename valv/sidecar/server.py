@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING
 from grpclib.client import Channel
 from grpclib.server import Server
 
-from valv.core.authn import is_loopback
+from valv.core.addresses import is_loopback
+from valv.core.crypto.ciphertext import CiphertextCodec
 from valv.netutil import (
     CallTracker,
     bind_unix_socket,
@@ -131,7 +132,9 @@ class SidecarServer:
         self.watcher = Watcher(link, caches, max_backoff_s=config.watch_max_backoff_s)
         local = LocalCrypto(link=link, forwarder=forwarder, tracker=self.tracker,
                             encrypt_cache=self.encrypt_cache, decrypt_cache=self.decrypt_cache,
-                            usage=self.usage)
+                            usage=self.usage,
+                            # Subkeys derived from a KEK live no longer than the KEK may.
+                            codec=CiphertextCodec(cache_ttl_seconds=config.cache_ttl_s))
         self.link, self.forwarder, self.local = link, forwarder, local
         stop = self._stop_background
         self._background = [asyncio.create_task(self.watcher.run(stop)),
@@ -231,17 +234,20 @@ class SidecarServer:
         """Drain in-flight calls (bounded), then stop listening and close the channel."""
         await drain_and_close(self._servers, self.tracker, self.config.drain_timeout_s, log)
         self._stop_background.set()
-        for task in self._background:
-            try:
-                await asyncio.wait_for(task, 5.0)
-            except (TimeoutError, asyncio.CancelledError):
-                pass
-            except Exception:
-                log.exception("background task failed at shutdown")
+        if self._background:
+            # They all watch the stop event; one stuck on central (a call to
+            # a central that is itself shutting down) must not hold the exit.
+            _, stuck = await asyncio.wait(self._background, timeout=1.0)
+            for task in stuck:
+                task.cancel()
+            results = await asyncio.gather(*self._background, return_exceptions=True)
+            for result in results:
+                if isinstance(result, Exception):
+                    log.error("background task failed", exc_info=result)
         self._background = []
         if self.usage is not None and self.usage.pending:
             try:  # the last counts, so the audit log misses none
-                await asyncio.wait_for(self.usage.flush(), 5.0)
+                await asyncio.wait_for(self.usage.flush(), 3.0)
             except Exception as exc:
                 log.error("could not report the last usage counts to central",
                           extra={"fields": {"pending": self.usage.pending,

@@ -383,10 +383,12 @@ class UsageReporter:
         return sent
 
     async def run(self, stop: asyncio.Event) -> None:
+        """Report every ``interval_s`` until ``stop``; the owner sends the last counts."""
         failing = False
-        while not stop.is_set():
+        while True:
             try:
                 await asyncio.wait_for(stop.wait(), self.interval_s)
+                return
             except TimeoutError:
                 pass
             try:
