@@ -36,7 +36,7 @@ from valv.core import envelope
 from valv.core.crypto.ciphertext import CiphertextCodec
 from valv.core.errors import InvalidArgument
 from valv.netutil import CallTracker, limit_request_size
-from valv.sidecar import replies
+from valv.sidecar import wire
 from valv.sidecar.cache import PRIMARY, FetchedKek, KekCache, Lease
 from valv.sidecar.forward import Forwarder
 from valv.sidecar.upstream import FETCH_TIMEOUT_S, CentralLink, UsageReporter
@@ -105,11 +105,10 @@ class LocalCrypto:
 
     async def _encrypt(self, stream: Any, data: bytes) -> bytes | None:
         try:
-            message = kms_v1.EncryptRequest.parse(data)
-            call = envelope.check_encrypt(
-                message.name, message.plaintext, message.additional_authenticated_data,
-                plaintext_crc32c=message.plaintext_crc32c,
-                aad_crc32c=message.additional_authenticated_data_crc32c)
+            request = _encrypt_request(data)
+            call = envelope.check_encrypt(request.name, request.payload, request.aad,
+                                          plaintext_crc32c=request.payload_crc32c,
+                                          aad_crc32c=request.aad_crc32c)
         except Exception:  # not valid: central's answer (permission comes first there)
             return None
         key_name = str(call.key_name)
@@ -121,18 +120,17 @@ class LocalCrypto:
         version_name = str(result.version_name)
         if self.usage is not None:
             self.usage.count(version_name, "Encrypt")
-        return replies.encrypt_response(version_name, result.ciphertext,
+        return wire.encrypt_response(version_name, result.ciphertext,
                                         result.ciphertext_crc32c,
                                         result.verified_plaintext_crc32c,
                                         result.verified_aad_crc32c)
 
     async def _decrypt(self, stream: Any, data: bytes) -> bytes | None:
         try:
-            message = kms_v1.DecryptRequest.parse(data)
-            call = envelope.check_decrypt(
-                message.name, message.ciphertext, message.additional_authenticated_data,
-                ciphertext_crc32c=message.ciphertext_crc32c,
-                aad_crc32c=message.additional_authenticated_data_crc32c)
+            request = _decrypt_request(data)
+            call = envelope.check_decrypt(request.name, request.payload, request.aad,
+                                          ciphertext_crc32c=request.payload_crc32c,
+                                          aad_crc32c=request.aad_crc32c)
         except Exception:
             return None
         key_name = str(call.key_name)
@@ -149,10 +147,30 @@ class LocalCrypto:
                 raise GRPCError(Status.INVALID_ARGUMENT, exc.message) from None
         self.local_calls += 1
         self._count(version_name, "Decrypt", None)
-        return replies.decrypt_response(result.plaintext, result.plaintext_crc32c,
+        return wire.decrypt_response(result.plaintext, result.plaintext_crc32c,
                                         result.used_primary)
 
     def _count(self, version_name: str, rpc: str, status: Status | None) -> None:
         if self.usage is not None:
             self.usage.count(version_name, rpc, "OK" if status is None
                              else _STATUS_NAMES[status])
+
+
+def _encrypt_request(data: bytes) -> wire.Request:
+    try:
+        return wire.read_encrypt_request(data)
+    except wire.Unusual:
+        message = kms_v1.EncryptRequest.parse(data)
+        return wire.Request(message.name, message.plaintext,
+                            message.additional_authenticated_data, message.plaintext_crc32c,
+                            message.additional_authenticated_data_crc32c)
+
+
+def _decrypt_request(data: bytes) -> wire.Request:
+    try:
+        return wire.read_decrypt_request(data)
+    except wire.Unusual:
+        message = kms_v1.DecryptRequest.parse(data)
+        return wire.Request(message.name, message.ciphertext,
+                            message.additional_authenticated_data, message.ciphertext_crc32c,
+                            message.additional_authenticated_data_crc32c)
