@@ -101,6 +101,63 @@ async def test_ttl_expiry_with_fake_timer_and_stale_until_ttl() -> None:
     assert cache.lookup(K, 1) is None
 
 
+async def settle() -> None:
+    """Let background flights run to completion (they need a few loop turns)."""
+    for _ in range(10):
+        await asyncio.sleep(0)
+
+
+async def test_refresh_ahead_replaces_a_busy_entry_before_its_ttl() -> None:
+    cache, timer = make(ttl_s=60, refresh_ahead_s=12)
+    f = Fetcher(vid=1)
+    (await cache.get_or_fetch(K, PRIMARY, f)).release()
+    old = f.issued[0]
+    timer.now += 47.9  # not yet in the refresh window
+    (await cache.get_or_fetch(K, PRIMARY, f)).release()
+    await settle()
+    assert f.calls == 1 and cache.stats.refreshes == 0
+    timer.now += 0.2  # in the last 12 s: served from cache, refreshed behind
+    with await cache.get_or_fetch(K, PRIMARY, f) as lease:
+        assert lease.kek is old
+    await settle()
+    assert f.calls == 2 and cache.stats.refreshes == 1
+    assert old.zeroized  # replaced, and no lease held it any more
+    timer.now += 30  # past the first copy's TTL, inside the fresh one's
+    with await cache.get_or_fetch(K, PRIMARY, f) as lease:
+        assert lease.kek is f.issued[1]
+    assert f.calls == 2
+
+
+async def test_a_failed_refresh_changes_nothing_and_the_ttl_still_ends_service() -> None:
+    cache, timer = make(ttl_s=60, refresh_ahead_s=12)
+    (await cache.get_or_fetch(K, 1, Fetcher(vid=1))).release()
+    down = Fetcher(error=ConnectionError("central unreachable"))
+    timer.now += 50
+    for _ in range(3):  # each use in the window may try again; the entry keeps serving
+        (await cache.get_or_fetch(K, 1, down)).release()
+        await settle()
+    assert down.calls == 3 and cache.stats.fetch_errors == 3 and len(cache) == 1
+    timer.now += 10.1  # the TTL has run out: never served past it
+    with pytest.raises(ConnectionError):
+        await cache.get_or_fetch(K, 1, down)
+    assert len(cache) == 0
+
+
+async def test_a_refresh_invalidated_in_flight_is_not_cached() -> None:
+    cache, timer = make(ttl_s=60, refresh_ahead_s=12)
+    (await cache.get_or_fetch(K, 1, Fetcher(vid=1))).release()
+    gate = asyncio.Event()
+    slow = Fetcher(vid=1, gate=gate)
+    timer.now += 55
+    (await cache.get_or_fetch(K, 1, slow)).release()
+    await settle()
+    cache.invalidate_key(K)  # e.g. disabled at central while the refresh was out
+    gate.set()
+    await settle()
+    assert slow.calls == 1 and len(cache) == 0
+    assert slow.issued[0].zeroized
+
+
 async def test_max_uses_evicts_and_refetches() -> None:
     cache, _ = make(max_uses=3)
     f = Fetcher(vid=1)

@@ -20,6 +20,13 @@ Limits, per entry:
 - a place under a total bound (``maxsize`` entries, default 10,000) with
   least-recently-used eviction (cachetools ``TTLCache``).
 
+Refresh ahead (``refresh_ahead_s``, off by default; the sidecar uses a fifth
+of the TTL): an entry used in its last ``refresh_ahead_s`` is fetched again
+in the background while it keeps serving, and the fresh copy replaces it. A
+busy key then never expires under its callers (no latency spike, no burst of
+misses), and a central outage is felt only once the old copy's TTL has
+really run out: a failed refresh changes nothing.
+
 Zeroization. The cache owns the ``SecretBytes`` a fetch returns. A caller
 holds a :class:`Lease` (a context manager) while it uses the key, which
 counts as a reference. An entry that leaves the cache (expired, used up,
@@ -104,14 +111,16 @@ class FetchedKek:
 
 
 class _Entry:
-    __slots__ = ("is_primary", "kek", "key_name", "refs", "retired", "uses", "version_id")
+    __slots__ = ("fetched_at", "is_primary", "kek", "key_name", "refs", "retired", "uses",
+                 "version_id")
 
     def __init__(self, key_name: str, version_id: int, kek: SecretBytes,
-                 is_primary: bool = False) -> None:
+                 is_primary: bool = False, fetched_at: float = 0.0) -> None:
         self.key_name = key_name
         self.version_id = version_id
         self.kek = kek
         self.is_primary = is_primary
+        self.fetched_at = fetched_at
         self.uses = 0
         self.refs = 0
         self.retired = False  # no longer in the cache
@@ -121,7 +130,8 @@ class _Entry:
 class CacheStats:
     hits: int = 0
     misses: int = 0
-    fetches: int = 0  # fetches started (coalesced misses share one)
+    fetches: int = 0  # fetches started (coalesced misses share one; refreshes included)
+    refreshes: int = 0  # of which refresh-ahead fetches for entries still live
     fetch_errors: int = 0
     evictions: int = 0  # for size (LRU)
     expirations: int = 0  # TTL
@@ -216,10 +226,15 @@ class KekCache:
     def __init__(self, *, ttl_s: float = DEFAULT_TTL_SECONDS,
                  max_uses: int = DEFAULT_MAX_USES,
                  max_entries: int = DEFAULT_MAX_ENTRIES,
+                 refresh_ahead_s: float = 0.0,
                  timer: Callable[[], float] = time.monotonic) -> None:
         if ttl_s <= 0 or max_uses < 1 or max_entries < 1:
             raise ValueError("ttl_s must be > 0, max_uses and max_entries >= 1")
+        if not 0 <= refresh_ahead_s < ttl_s:
+            raise ValueError("refresh_ahead_s must be in [0, ttl_s)")
         self.ttl_s = ttl_s
+        self.refresh_ahead_s = refresh_ahead_s
+        self._timer = timer
         self.max_uses = max_uses
         self.max_entries = max_entries
         self.stats = CacheStats()
@@ -259,20 +274,16 @@ class KekCache:
         misses) when absent. A fetch error is raised to every waiter."""
         lease = self.lookup(key_name, version_id)
         if lease is not None:
+            if self.refresh_ahead_s and (key_name, version_id) not in self._flights and \
+                    self._timer() >= lease._entry.fetched_at + self.ttl_s - self.refresh_ahead_s:
+                # Used in its last refresh_ahead_s: fetch a fresh copy in the
+                # background, so a busy entry never runs out under its callers.
+                self.stats.refreshes += 1
+                self._start_flight(key_name, version_id, fetch)
             return lease
-        flight_key = (key_name, version_id)
-        flight = self._flights.get(flight_key)
+        flight = self._flights.get((key_name, version_id))
         if flight is None:
-            flight = _Flight()
-            self._flights[flight_key] = flight
-            self.stats.fetches += 1
-            task = asyncio.ensure_future(self._fly(flight, key_name, version_id, fetch))
-            flight.task = task
-
-            def landed(_task: asyncio.Task[_Entry], flight: _Flight = flight) -> None:
-                self._land(flight)
-
-            task.add_done_callback(landed)
+            flight = self._start_flight(key_name, version_id, fetch)
         assert flight.task is not None
         flight.waiters += 1
         try:
@@ -282,6 +293,20 @@ class KekCache:
         finally:
             flight.waiters -= 1
             self._land(flight)
+
+    def _start_flight(self, key_name: str, version_id: int,
+                      fetch: Callable[[], Awaitable[FetchedKek]]) -> _Flight:
+        flight = _Flight()
+        self._flights[(key_name, version_id)] = flight
+        self.stats.fetches += 1
+        task = asyncio.ensure_future(self._fly(flight, key_name, version_id, fetch))
+        flight.task = task
+
+        def landed(_task: asyncio.Task[_Entry], flight: _Flight = flight) -> None:
+            self._land(flight)
+
+        task.add_done_callback(landed)
+        return flight
 
     def use(self, key_name: str, version_id: int,
             fetch: Callable[[], Awaitable[FetchedKek]]) -> _Use:
@@ -382,7 +407,8 @@ class KekCache:
 
     def _store(self, flight: _Flight, key_name: str, version_id: int,
                fetched: FetchedKek) -> _Entry:
-        entry = _Entry(key_name, fetched.version_id, fetched.kek, fetched.is_primary)
+        entry = _Entry(key_name, fetched.version_id, fetched.kek, fetched.is_primary,
+                       self._timer())
         entry.refs = 1  # the flight's reference, until every waiter has its own
         flight.entry = entry
         flight.ref_held = True

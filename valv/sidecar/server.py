@@ -101,10 +101,13 @@ class SidecarServer:
         self.channel: Channel | None = None
         self._servers: list[Server] = []
         self.tcp_address: tuple[str, int] | None = None
-        self.encrypt_cache = KekCache(ttl_s=config.cache_ttl_s, max_uses=config.cache_max_uses,
-                                      max_entries=config.cache_max_entries)
-        self.decrypt_cache = KekCache(ttl_s=config.cache_ttl_s, max_uses=config.cache_max_uses,
-                                      max_entries=config.cache_max_entries)
+        # A busy version is fetched again in the last fifth of its TTL, so it
+        # doesn't run out under its callers (valv.sidecar.cache, "Refresh ahead").
+        self.encrypt_cache, self.decrypt_cache = (
+            KekCache(ttl_s=config.cache_ttl_s, max_uses=config.cache_max_uses,
+                     max_entries=config.cache_max_entries,
+                     refresh_ahead_s=config.cache_ttl_s / 5)
+            for _ in range(2))
         self.link: CentralLink | None = None
         self.forwarder: Forwarder | None = None
         self.local: LocalCrypto | None = None
