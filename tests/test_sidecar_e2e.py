@@ -349,7 +349,8 @@ def flip(ciphertext: bytes, index: int) -> bytes:
 
 # Where the sidecar answers: "local" (its own AEAD, nothing forwarded), "fetch" (central
 # refused the material: relayed, nothing forwarded), "forward" (not a valid request: central
-# answers it). A pair (dev, auth) when the modes differ; None: not checked.
+# answers it), "fetch-then-forward" (refused at the fetch, then forwarded for central's exact
+# words). A pair (dev, auth) when the modes differ; None: not checked.
 Where = str | tuple[str, str] | None
 Case = tuple[str, str, Callable[[World], dict[str, Any]], Where]
 W = World
@@ -364,6 +365,24 @@ CASES: list[Case] = [
     ("enc-max-plaintext", "encrypt",
      lambda w: {"name": w.keys["a"], "plaintext": b"p" * KIB64,
                 "additional_authenticated_data": b"a" * KIB64}, "local"),
+    ("enc-empty-plaintext", "encrypt", lambda w: {"name": w.keys["a"], "plaintext": b""},
+     None),
+    # A CRC32C wrapper that is present with value 0 is not an absent one.
+    ("enc-empty-plaintext-crc-zero", "encrypt",
+     lambda w: {"name": w.keys["a"], "plaintext": b"", "plaintext_crc32c": 0,
+                "additional_authenticated_data_crc32c": 0}, None),
+    ("enc-plaintext-crc-zero", "encrypt",
+     lambda w: {"name": w.keys["a"], "plaintext": b"x", "plaintext_crc32c": 0}, None),
+    ("enc-aad-crc-zero", "encrypt",
+     lambda w: {"name": w.keys["a"], "plaintext": b"x", "additional_authenticated_data": b"a",
+                "additional_authenticated_data_crc32c": 0}, None),
+    ("enc-plaintext-crc-huge", "encrypt",
+     lambda w: {"name": w.keys["a"], "plaintext": b"x", "plaintext_crc32c": 2**63 - 1}, None),
+    ("enc-plaintext-crc-plus-2-32", "encrypt",
+     lambda w: {"name": w.keys["a"], "plaintext": b"x",
+                "plaintext_crc32c": crc32c(b"x") + 2**32}, None),
+    ("enc-unicode-name", "encrypt",
+     lambda w: {"name": f"{w.ring}/cryptoKeys/k\u00e9y", "plaintext": b"x"}, "forward"),
     ("enc-empty-name", "encrypt", lambda w: {"name": "", "plaintext": b"x"}, "forward"),
     ("enc-bad-name", "encrypt", lambda w: {"name": "not/a/key", "plaintext": b"x"}, "forward"),
     ("enc-bad-id", "encrypt",
@@ -405,9 +424,11 @@ CASES: list[Case] = [
      lambda w: {"name": w.keys["dec-only"], "plaintext": b"x"}, ("local", "fetch")),
     ("enc-no-binding", "encrypt",
      lambda w: {"name": w.keys["none"], "plaintext": b"x"}, ("local", "fetch")),
+    # The fetch is refused naming the key; central's Encrypt names the version, so the
+    # sidecar forwards the call for central's own words.
     ("enc-no-binding-version-name", "encrypt",
      lambda w: {"name": f"{w.keys['none']}/cryptoKeyVersions/1", "plaintext": b"x"},
-     ("local", "fetch")),
+     ("local", "fetch-then-forward")),
     # -- Decrypt
     ("dec-ok", "decrypt", lambda w: {"name": w.keys["a"], "ciphertext": w.ciphertexts["a1"],
                                      "additional_authenticated_data": b"aad"}, "local"),
@@ -430,6 +451,12 @@ CASES: list[Case] = [
     ("dec-oversize-aad", "decrypt",
      lambda w: {"name": w.keys["a"], "ciphertext": w.ciphertexts["a1"],
                 "additional_authenticated_data": b"a" * (KIB64 + 1)}, "forward"),
+    ("dec-ciphertext-crc-zero", "decrypt",
+     lambda w: {"name": w.keys["a"], "ciphertext": w.ciphertexts["a1"],
+                "additional_authenticated_data": b"aad", "ciphertext_crc32c": 0}, None),
+    ("dec-empty-aad-crc-zero", "decrypt",
+     lambda w: {"name": w.keys["a"], "ciphertext": w.ciphertexts["a4"],
+                "additional_authenticated_data_crc32c": 0}, None),
     ("dec-ciphertext-crc-mismatch", "decrypt",
      lambda w: {"name": w.keys["a"], "ciphertext": w.ciphertexts["a1"],
                 "additional_authenticated_data": b"aad", "ciphertext_crc32c": 12345},
@@ -535,6 +562,9 @@ def test_the_sidecar_answers_exactly_as_central(request: pytest.FixtureRequest, 
     if isinstance(where, tuple):
         where = where[0] if mode == "dev" else where[1]
     if where == "forward":
+        assert moved["valv_sidecar_forwarded_calls_total"] == 1, moved
+    elif where == "fetch-then-forward":
+        assert moved["valv_sidecar_central_fetch_failures_total"] == 1, moved
         assert moved["valv_sidecar_forwarded_calls_total"] == 1, moved
     elif where in ("local", "fetch"):
         assert moved["valv_sidecar_forwarded_calls_total"] == 0, moved
@@ -741,16 +771,20 @@ def record_latency(what: str, seconds: float) -> None:
     assert seconds < REVOCATION_BOUND_S, f"{what}: the sidecar took {seconds:.3f} s to refuse"
 
 
-@pytest.mark.parametrize("change", ["disable", "destroy", "new-primary", "iam-binding-removed"])
+@pytest.mark.parametrize("change", ["disable", "destroy", "new-primary", "iam-binding-removed",
+                                    "key-ring-iam-binding-removed"])
 def test_revocation_reaches_the_sidecar_within_a_second(request: pytest.FixtureRequest,
                                                         tmp_path: Path, change: str) -> None:
     """Encrypt is polled until it refuses (or, for a new primary, uses it); then Decrypt of
     a version-1 ciphertext, cached as well, must refuse too (or report used_primary false)."""
-    pair: Pair = request.getfixturevalue("auth" if change == "iam-binding-removed" else "dev")
+    pair: Pair = request.getfixturevalue("auth" if "iam" in change else "dev")
     admin = pair.admin
-    key = make_key(admin, make_ring(admin))
-    if pair.mode == "auth":
+    ring = make_ring(admin)
+    key = make_key(admin, ring)
+    if change == "iam-binding-removed":
         grant(admin, key, {ENCRYPTER_DECRYPTER: [SIDECAR]})
+    elif change == "key-ring-iam-binding-removed":  # a KeyRing's policy covers its keys
+        grant(admin, ring, {ENCRYPTER_DECRYPTER: [SIDECAR]})
     v1, v2 = f"{key}/cryptoKeyVersions/1", f"{key}/cryptoKeyVersions/2"
     if change == "new-primary":
         admin.create_crypto_key_version(parent=key, crypto_key_version={})
@@ -789,8 +823,10 @@ def test_revocation_reaches_the_sidecar_within_a_second(request: pytest.FixtureR
                 set_state(admin, v1, VState.DISABLED)
             elif change == "destroy":
                 admin.destroy_crypto_key_version(name=v1)
-            else:
+            elif change == "iam-binding-removed":
                 grant(admin, key, {})
+            else:
+                grant(admin, ring, {})
 
         def decrypt_refused() -> gexc.GoogleAPICallError | None:
             try:
@@ -808,8 +844,7 @@ def test_revocation_reaches_the_sidecar_within_a_second(request: pytest.FixtureR
             outcome(lambda: pair.direct.encrypt(name=key, plaintext=b"x"))
         assert outcome(decrypt) == outcome(
             lambda: pair.direct.decrypt(name=key, ciphertext=ciphertext))
-        expected = gexc.PermissionDenied if change == "iam-binding-removed" \
-            else gexc.FailedPrecondition
+        expected = gexc.PermissionDenied if "iam" in change else gexc.FailedPrecondition
         assert isinstance(error, expected), error
     finally:
         assert sidecar.stop() == 0
@@ -904,6 +939,50 @@ def test_central_outage_serves_cached_keys_until_their_ttl_then_recovers(
         if restarted is not None:
             restarted.stop()
         central.stop()
+
+
+def test_changes_missed_while_the_watch_was_down_are_replayed_on_reconnect(
+        tmp_path: Path) -> None:
+    """Central #1 dies; the key is disabled through central #2 (same store) meanwhile. The
+    sidecar keeps serving its cached copy (until the TTL, by design), and once central #1
+    is back its resumed watch stream replays the change: refused right after reconnecting,
+    long before the 60 s TTL."""
+    first = CentralProcess(tmp_path / "data").start()
+    second = CentralProcess(tmp_path / "data")
+    second.log_path = tmp_path / "central-2.log"
+    restarted: CentralProcess | None = None
+    sidecar = SidecarProcess(tmp_path, first.addr)
+    try:
+        second.start()
+        via_second = As(second.client(), None)
+        key = make_key(via_second, make_ring(via_second))
+        sidecar.start()  # after the setup: see Pair.spawn_sidecar
+        local = As(sidecar.client(), None)
+        warm_from_cache(sidecar, local, key)
+        warm = sidecar.metrics()
+
+        first.stop(signal.SIGKILL)
+        wait_for(lambda: sidecar.readyz()[0] == 503, deadline_s=10,
+                 what="/readyz to report the lost watch stream")
+        set_state(via_second, f"{key}/cryptoKeyVersions/1", VState.DISABLED)
+        # Nobody can tell the sidecar yet: its cached copy serves (until its TTL).
+        assert local.encrypt(name=key, plaintext=b"x").name.endswith("/cryptoKeyVersions/1")
+
+        restarted = central_on_same_port(first).start()
+        sidecar.wait_ready(deadline_s=20)  # reconnected (backoff <= 5 s)
+        error = wait_for(refused(local, key), deadline_s=2.0,
+                         what="the replayed change to reach the sidecar", interval_s=0.005)
+        assert isinstance(error, gexc.FailedPrecondition), error
+        assert_dropped_by_the_watch_stream(warm, sidecar.metrics())
+        assert sidecar.metric("valv_sidecar_watch_resets_total") == 0  # resumed, not reset
+    finally:
+        if sidecar.proc is not None:
+            sidecar.stop()
+        if restarted is not None:
+            restarted.stop()
+        if second.proc is not None:
+            second.stop()
+        first.stop()
 
 
 # ---- 7. TTL expiry -------------------------------------------------------------------------------
@@ -1103,7 +1182,7 @@ def audit_records(data_dir: Path, *filters: str) -> list[dict[str, Any]]:
 
 
 def test_local_uses_reach_centrals_audit_log(tmp_path: Path) -> None:
-    encrypts, decrypts = 23, 7
+    encrypts, decrypts, failed = 23, 7, 3
     central = start_authenticated_central(tmp_path, "--audit-flush-interval", "3600")
     sidecar = SidecarProcess(tmp_path, central.addr, "--token-file",
                              str(sidecar_token_file(tmp_path)), "--usage-report-interval", "1s")
@@ -1119,12 +1198,16 @@ def test_local_uses_reach_centrals_audit_log(tmp_path: Path) -> None:
                     for _ in range(encrypts)]
             for ciphertext in made[:decrypts]:
                 local.decrypt(name=key, ciphertext=ciphertext)
+            for ciphertext in made[:failed]:  # answered (and counted) by the sidecar too
+                error = failure(lambda c=ciphertext: local.decrypt(
+                    name=key, ciphertext=c, additional_authenticated_data=b"wrong"))
+                assert isinstance(error, gexc.InvalidArgument), error
 
         _, moved = sidecar_metrics_delta(sidecar, uses)
         assert moved["valv_sidecar_local_calls_total"] == encrypts + decrypts
         assert moved["valv_sidecar_forwarded_calls_total"] == 0
         wait_for(lambda: sidecar.metric("valv_sidecar_usage_reported_total")
-                 >= encrypts + decrypts, deadline_s=15, what="the usage report",
+                 >= encrypts + decrypts + failed, deadline_s=15, what="the usage report",
                  interval_s=0.05)
         assert sidecar.metric("valv_sidecar_usage_pending") == 0
         fetched = sidecar.metric("valv_sidecar_central_fetches_total")
@@ -1143,7 +1226,8 @@ def test_local_uses_reach_centrals_audit_log(tmp_path: Path) -> None:
                  record.get("status", ""))
         totals[entry] = totals.get(entry, 0) + record["count"]
     assert totals == {(SIDECAR, "Encrypt", version, "OK"): encrypts,
-                      (SIDECAR, "Decrypt", version, "OK"): decrypts}
+                      (SIDECAR, "Decrypt", version, "OK"): decrypts,
+                      (SIDECAR, "Decrypt", version, "INVALID_ARGUMENT"): failed}
     # Central's own record of the material it handed out: every fetch.
     fetches = [r for r in audit_records(central.data_dir, "--rpc", "FetchVersion")
                if r["principal"] == SIDECAR]

@@ -112,8 +112,15 @@ class LocalCrypto:
         except Exception:  # not valid: central's answer (permission comes first there)
             return None
         key_name = str(call.key_name)
-        lease = await self._lease(self.encrypt_cache, stream, key_name,
-                                  call.version_id or PRIMARY, "ENCRYPT")
+        try:
+            lease = await self._lease(self.encrypt_cache, stream, key_name,
+                                      call.version_id or PRIMARY, "ENCRYPT")
+        except GRPCError as exc:
+            # FetchVersion names the CryptoKey in a denial, while central's Encrypt names
+            # the resource as requested, here a version: let central say it, in its words.
+            if exc.status is Status.PERMISSION_DENIED and call.version_id:
+                return None
+            raise
         with lease:
             result = envelope.encrypt_with(self.codec, lease.kek, call, lease.version_id)
         self.local_calls += 1
