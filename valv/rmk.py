@@ -76,14 +76,12 @@ def _config(args: argparse.Namespace) -> CentralConfig:
 
 async def _with_store(config: CentralConfig,
                       work: Callable[[SealedStore, Any], Awaitable[T]]) -> T:
-    from valv.central.server import load_root_keys
-    from valv.core.storage import open_store
-    from valv.core.storage.sealed import SealedStore, Sealer
+    from valv.central.server import load_root_keys, open_journaled_store
+    from valv.core.clock import SystemClock
 
     keyring = load_root_keys(config, create_dev_key=False)
     try:
-        raw = await open_store(config.effective_store_url)
-        store = SealedStore(raw, Sealer(keyring))
+        store = await open_journaled_store(config, keyring, SystemClock())
         try:
             return await work(store, keyring)
         finally:

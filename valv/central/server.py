@@ -29,7 +29,7 @@ from valv.central.watch import DEFAULT_HEARTBEAT_S, Watches, WatchSettings
 from valv.core.audit import DEFAULT_FLUSH_INTERVAL_S, AuditLog, DataAccessMode
 from valv.core.changehub import ChangeHub
 from valv.core.changelog import DEFAULT_POLL_INTERVAL_S, ChangeFollower
-from valv.core.clock import Clock, FileClock, SystemClock
+from valv.core.clock import Clock, FileClock, SystemClock, to_micros
 from valv.core.crypto.errors import RootKeyConfigError
 from valv.core.crypto.keysources import (
     Pkcs11Config,
@@ -42,7 +42,7 @@ from valv.core.iam import IamPolicies, Policy
 from valv.core.keystore import KeyStore, KeystoreSettings
 from valv.core.scheduler import DEFAULT_INTERVAL_S, Scheduler
 from valv.core.storage import open_store
-from valv.core.storage.base import Store
+from valv.core.storage.journal import journaled_store
 from valv.core.storage.sealed import SealedStore, Sealer
 from valv.netutil import (
     bind_unix_socket,
@@ -148,11 +148,19 @@ def check_root_key_configured(config: CentralConfig) -> None:
         "development key anyway")
 
 
-async def open_sealed_store(config: CentralConfig, *, create_dev_key: bool = True) -> Store:
-    """The configured store, sealed with the configured root keys."""
+async def open_sealed_store(config: CentralConfig, *, create_dev_key: bool = True,
+                            clock: Clock | None = None) -> SealedStore:
+    """The configured store, sealed with the configured root keys, writes journaled."""
     root_keys = load_root_keys(config, create_dev_key=create_dev_key)
+    return await open_journaled_store(config, root_keys, clock or SystemClock())
+
+
+async def open_journaled_store(config: CentralConfig, root_keys: RootKeyring,
+                               clock: Clock) -> SealedStore:
+    """How every Valv process that writes opens the store: sealed with ``root_keys``,
+    and every write journaled for consistent backups (valv.core.storage.journal)."""
     raw = await open_store(config.effective_store_url)
-    return SealedStore(raw, Sealer(root_keys))
+    return journaled_store(raw, Sealer(root_keys), lambda: to_micros(clock.now()))
 
 
 class CentralServer:
@@ -188,8 +196,7 @@ class CentralServer:
         config = self.config
         config.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._root_keys = load_root_keys(config)
-        raw_store = await open_store(config.effective_store_url)
-        self._store = SealedStore(raw_store, Sealer(self._root_keys))
+        self._store = await open_journaled_store(config, self._root_keys, self.clock)
         self.keystore = KeyStore(
             self._store, self._root_keys, self.clock,
             KeystoreSettings(locations=config.locations,
@@ -250,7 +257,7 @@ class CentralServer:
             "tls": self.authentication.ssl_context is not None,
             "auth": self.authentication.mode,
             "unix_socket": str(config.unix_socket) if config.unix_socket else None,
-            "store": raw_store.url, "locations": list(config.locations),
+            "store": self._store.url, "locations": list(config.locations),
             "rmk_ids": list(self._root_keys.ids)}})
         if config.scheduler_interval_s is not None:
             scheduler = Scheduler(self.keystore, interval_s=config.scheduler_interval_s)

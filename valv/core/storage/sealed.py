@@ -235,6 +235,11 @@ class SealedTransaction(Transaction):
         self._inner = inner
         self._sealer = sealer
 
+    @property
+    def raw(self) -> Transaction:
+        """The same transaction without sealing: values as stored (a backup copies them)."""
+        return self._inner
+
     def get(self, key: bytes) -> bytes | None:
         sealed = self._inner.get(key)
         return None if sealed is None else self._sealer.open(key, sealed)

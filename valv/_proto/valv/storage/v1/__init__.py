@@ -9,7 +9,10 @@ __all__ = (
     "CountRecord",
     "CryptoKeyRecord",
     "CryptoKeyVersionRecord",
+    "JournalEntry",
+    "JournalHead",
     "KeyMaterialRecord",
+    "KeyRange",
     "KeyRingRecord",
 )
 
@@ -187,6 +190,46 @@ default_message_pool.register_message(
 
 
 @dataclass(eq=False, repr=False)
+class JournalEntry(betterproto2.Message):
+    """
+    One entry of the write journal ("wj", seq): the key ranges that one
+    committed read-write transaction wrote or cleared, written in that same
+    transaction. Backups read it to stay consistent while writers run, and the
+    active backup tails it (valv.core.storage.journal).
+    """
+
+    schema_version: "int" = betterproto2.field(1, betterproto2.TYPE_UINT32)
+
+    seq: "int" = betterproto2.field(2, betterproto2.TYPE_UINT64)
+
+    time_us: "int" = betterproto2.field(3, betterproto2.TYPE_INT64)
+
+    ranges: "list[KeyRange]" = betterproto2.field(4, betterproto2.TYPE_MESSAGE, repeated=True)
+    """
+    Everything the transaction may have changed lies inside these ranges.
+    """
+
+
+default_message_pool.register_message("valv.storage.v1", "JournalEntry", JournalEntry)
+
+
+@dataclass(eq=False, repr=False)
+class JournalHead(betterproto2.Message):
+    """
+    ("wj-head",): the last journal seq handed out, and the oldest one retained.
+    """
+
+    schema_version: "int" = betterproto2.field(1, betterproto2.TYPE_UINT32)
+
+    last_seq: "int" = betterproto2.field(2, betterproto2.TYPE_UINT64)
+
+    first_seq: "int" = betterproto2.field(3, betterproto2.TYPE_UINT64)
+
+
+default_message_pool.register_message("valv.storage.v1", "JournalHead", JournalHead)
+
+
+@dataclass(eq=False, repr=False)
 class KeyMaterialRecord(betterproto2.Message):
     """
     A KEK version's key material, wrapped by a root master key (RMK).
@@ -206,6 +249,20 @@ class KeyMaterialRecord(betterproto2.Message):
 
 
 default_message_pool.register_message("valv.storage.v1", "KeyMaterialRecord", KeyMaterialRecord)
+
+
+@dataclass(eq=False, repr=False)
+class KeyRange(betterproto2.Message):
+    """
+    A key range [begin, end) of the store. A single key k is [k, k + "\\x00").
+    """
+
+    begin: "bytes" = betterproto2.field(1, betterproto2.TYPE_BYTES)
+
+    end: "bytes" = betterproto2.field(2, betterproto2.TYPE_BYTES)
+
+
+default_message_pool.register_message("valv.storage.v1", "KeyRange", KeyRange)
 
 
 @dataclass(eq=False, repr=False)
