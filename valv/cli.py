@@ -458,9 +458,10 @@ def main(argv: list[str] | None = None) -> int:
     _add_central(sub)
     _add_sidecar(sub)
     _add_fsck(sub)
-    from valv import auditcli, bench
+    from valv import auditcli, backupcli, bench
 
     auditcli.add_parser(sub)
+    backupcli.add_parsers(sub)
     bench.add_parser(sub)
     from valv import rmk
 

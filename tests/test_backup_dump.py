@@ -1,0 +1,289 @@
+"""The write journal and consistent dumps, in process on real SQLite files.
+
+The consistency test keeps writers going during a dump that reads a few pairs
+per transaction, with an invariant every committed state keeps (all keys of a
+group hold the same generation; a total stays constant). A dump that mixed
+two instants breaks it."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import random
+from pathlib import Path
+
+import pytest
+
+from tests.storage_conformance import StaticSealKeys
+from valv.core.backup import restore as restore_mod
+from valv.core.backup.dump import KEYSPACE, BackupError, dump
+from valv.core.backup.format import BackupReader, BackupWriter
+from valv.core.backup.restore import RestoreError, RestorePlan, Source, restore
+from valv.core.storage import journal
+from valv.core.storage.base import Store, Transaction
+from valv.core.storage.keys import pack
+from valv.core.storage.sealed import SealedStore, Sealer
+from valv.core.storage.sqlite import SqliteStore
+
+SEALER = Sealer(StaticSealKeys(("0123456789abcdef", bytes(range(32)))))
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.us = 1_000_000
+
+    def __call__(self) -> int:
+        return self.us
+
+
+def open_journaled(path: Path, clock: Clock | None = None) -> SealedStore:
+    return journal.journaled_store(SqliteStore(path), SEALER, clock or Clock())
+
+
+async def everything(store: Store) -> dict[bytes, bytes]:
+    pairs = await store.run(lambda tr: tr.get_range(*KEYSPACE), read_only=True)
+    return dict(pairs)
+
+
+async def test_each_write_transaction_journals_its_ranges(tmp_path: Path) -> None:
+    store = open_journaled(tmp_path / "valv.db")
+    try:
+        def write(tr: Transaction) -> None:
+            tr.set(pack("a", 1), b"x")
+            tr.clear(pack("b"))
+            tr.clear_range(*pack_range("c"))
+
+        await store.run(write)
+        await store.run(lambda tr: tr.get(pack("a", 1)), read_only=True)  # no entry
+        await store.run(lambda tr: None)  # wrote nothing: no entry
+        batch = await store.run(lambda tr: journal.read_since_body(tr, 0), read_only=True)
+        assert [e.seq for e in batch.entries] == [1] and batch.head == 1 and not batch.gap
+        assert set(batch.entries[0].ranges) == {
+            journal.single_key_range(pack("a", 1)), journal.single_key_range(pack("b")),
+            pack_range("c"),
+            # The entry itself and the head: the journal is replayed like the rest.
+            journal.single_key_range(journal.entry_key(1)),
+            journal.single_key_range(journal.HEAD_KEY)}
+        # The journal's own records are sealed like the rest.
+        raw = await everything(store.inner)
+        assert all(value[0] == 1 for value in raw.values())
+    finally:
+        await store.close()
+
+
+def pack_range(*prefix: str) -> tuple[bytes, bytes]:
+    from valv.core.storage.keys import range_of
+
+    return range_of(*prefix)
+
+
+async def test_a_transaction_with_many_writes_is_one_covering_range(tmp_path: Path) -> None:
+    store = open_journaled(tmp_path / "valv.db")
+    try:
+        def write(tr: Transaction) -> None:
+            for i in range(journal.MAX_RANGES + 5):
+                tr.set(pack("k", i), b"v")
+
+        await store.run(write)
+        batch = await store.run(lambda tr: journal.read_since_body(tr, 0), read_only=True)
+        (entry,) = batch.entries
+        assert entry.ranges == ((pack("k", 0), pack("k", journal.MAX_RANGES + 4) + b"\x00"),
+                                journal.single_key_range(journal.entry_key(1)),
+                                journal.single_key_range(journal.HEAD_KEY))
+    finally:
+        await store.close()
+
+
+async def test_trim_and_gap(tmp_path: Path) -> None:
+    clock = Clock()
+    store = open_journaled(tmp_path / "valv.db", clock)
+    try:
+        for i in range(5):
+            await store.run(lambda tr, i=i: tr.set(pack("k", i), b"v"))
+            clock.us += 1_000_000
+        retention_us = journal.RETENTION.total_seconds() * 1e6
+        clock.us += int(retention_us) - 2_500_000  # the first three are now too old
+        assert await journal.trim(store, clock.us) == 3
+        batch = await store.run(lambda tr: journal.read_since_body(tr, 0), read_only=True)
+        # The trim is journaled too (entry 6), so a backup replays it.
+        batch = await store.run(lambda tr: journal.read_since_body(tr, 0), read_only=True)
+        assert batch.gap and [e.seq for e in batch.entries] == [4, 5, 6]
+        assert (journal.entry_key(1), journal.entry_key(1) + b"\x00") in batch.entries[2].ranges
+        batch = await store.run(lambda tr: journal.read_since_body(tr, 3), read_only=True)
+        assert not batch.gap and [e.seq for e in batch.entries] == [4, 5, 6]
+    finally:
+        await store.close()
+
+
+GROUPS = 6
+PER_GROUP = 12
+ACCOUNTS = 20
+TOTAL = 1000 * ACCOUNTS
+
+
+async def seed(store: SealedStore) -> None:
+    def body(tr: Transaction) -> None:
+        for group in range(GROUPS):
+            for member in range(PER_GROUP):
+                tr.set(pack("g", group, member), b"0")
+        for account in range(ACCOUNTS):
+            tr.set(pack("acct", account), b"1000")
+
+    await store.run(body)
+
+
+async def writer(store: SealedStore, stop: asyncio.Event, seed_: int,
+                 committed: list[int]) -> int:
+    """Random transactions, each keeping the invariants; how many committed."""
+    rng = random.Random(seed_)
+    done = 0
+    while not stop.is_set():
+        if rng.random() < 0.5:
+            group = rng.randrange(GROUPS)
+
+            def bump(tr: Transaction, group: int = group) -> None:
+                generation = int(tr.get(pack("g", group, 0)) or b"0") + 1
+                for member in range(PER_GROUP):
+                    tr.set(pack("g", group, member), str(generation).encode())
+                # Clear and rewrite a range too, as the keystore's indexes do.
+                tr.clear_range(*pack_range("tmp", str(group)))
+                tr.set(pack("tmp", str(group), generation), b"x")
+
+            await store.run(bump)
+        else:
+            a, b = rng.sample(range(ACCOUNTS), 2)
+            amount = rng.randrange(1, 50)
+
+            def transfer(tr: Transaction, a: int = a, b: int = b, amount: int = amount) -> None:
+                tr.set(pack("acct", a), str(int(tr.get(pack("acct", a)) or 0) - amount).encode())
+                tr.set(pack("acct", b), str(int(tr.get(pack("acct", b)) or 0) + amount).encode())
+
+            await store.run(transfer)
+        done += 1
+        committed[0] += 1
+        await asyncio.sleep(0)
+    return done
+
+
+async def check_invariants(store: SealedStore) -> None:
+    def body(tr: Transaction) -> None:
+        for group in range(GROUPS):
+            values = {tr.get(pack("g", group, m)) for m in range(PER_GROUP)}
+            assert len(values) == 1, f"group {group} mixes generations {values}"
+            (generation,) = values
+            assert generation is not None
+            tmp = [k for k, _ in tr.get_range(*pack_range("tmp", str(group)))]
+            assert tmp == ([] if generation == b"0" else
+                           [pack("tmp", str(group), int(generation))]), tmp
+        total = sum(int(tr.get(pack("acct", a)) or 0) for a in range(ACCOUNTS))
+        assert total == TOTAL
+
+    await store.run(body, read_only=True)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 500])
+async def test_a_dump_during_writes_restores_one_instant(tmp_path: Path, chunk: int) -> None:
+    source = open_journaled(tmp_path / "source.db")
+    target = SqliteStore(tmp_path / "target.db")
+    try:
+        await seed(source)
+        stop = asyncio.Event()
+        committed = [0]
+        writers = [asyncio.create_task(writer(source, stop, seed_, committed))
+                   for seed_ in range(3)]
+        async with asyncio.timeout(10):  # the writers are going
+            while committed[0] < 10:
+                await asyncio.sleep(0.001)
+        out = io.BytesIO()
+        result = await dump(source, BackupWriter(out), chunk=chunk)
+        stop.set()
+        await asyncio.gather(*writers)
+        if chunk < 100:  # many scan transactions: writes landed between them, and replayed
+            assert result.manifest["clears"] > 0, "no write landed during the dump"
+
+        path = tmp_path / "b.vbk"
+        path.write_bytes(out.getvalue())
+        plan = RestorePlan([Source(str(path), restore_mod.check_file(str(path)))])
+        await restore(target, plan)
+        restored = journal.journaled_store(target, SEALER, Clock())
+        await check_invariants(restored)
+        # Its journal head is the seq the dump says it is consistent at.
+        assert await journal.head(restored) == result.journal_seq
+    finally:
+        await source.close()
+        await target.close()
+
+
+async def test_restore_resumes_after_a_crash_and_refuses_a_non_empty_target(
+        tmp_path: Path) -> None:
+    source = open_journaled(tmp_path / "source.db")
+    target = SqliteStore(tmp_path / "target.db")
+    try:
+        await seed(source)
+        out = io.BytesIO()
+        await dump(source, BackupWriter(out))
+        path = tmp_path / "b.vbk"
+        path.write_bytes(out.getvalue())
+        plan = RestorePlan([Source(str(path), restore_mod.check_file(str(path)))])
+
+        class Crash(Exception):
+            pass
+
+        def crash_after_two(state: restore_mod.RestoreProgress) -> None:
+            if state.batches == 2:
+                raise Crash
+
+        with pytest.raises(Crash):
+            await restore(target, plan, batch_frames=10, progress=crash_after_two)
+        partial = await everything(target)
+        assert restore_mod.RESTORE_MARKER_KEY in partial
+        state = await restore(target, plan, batch_frames=10)
+        assert state.resumed_from == (0, 20)
+        assert await everything(target) == await everything(source.inner)
+
+        # A finished restore leaves a normal, non-empty store: refused without --force.
+        with pytest.raises(RestoreError, match="not empty"):
+            await restore(target, plan)
+        await target.run(lambda tr: tr.set(pack("extra"), b"x"))
+        await restore(target, plan, force=True)
+        assert await everything(target) == await everything(source.inner)
+    finally:
+        await source.close()
+        await target.close()
+
+
+async def test_a_dump_whose_journal_was_trimmed_under_it_fails(tmp_path: Path) -> None:
+    clock = Clock()
+    store = open_journaled(tmp_path / "valv.db", clock)
+    try:
+        await seed(store)
+
+        def trim_once(state: object) -> None:
+            # Once, while the scan runs: writes, then a trim of everything before them.
+            if not trims:
+                trims.append(asyncio.get_running_loop().create_task(trim()))
+
+        async def trim() -> None:
+            await store.run(lambda tr: tr.set(pack("late"), b"x"))
+            clock.us += int(journal.RETENTION.total_seconds() * 1e6) + 1
+            await store.run(lambda tr: tr.set(pack("later"), b"x"))
+            await journal.trim(store, clock.us)
+
+        trims: list[asyncio.Task[None]] = []
+        with pytest.raises(BackupError, match="trimmed"):
+            await dump(store, BackupWriter(io.BytesIO()), chunk=2, progress=trim_once)
+        await asyncio.gather(*trims)
+    finally:
+        await store.close()
+
+
+def test_reader_frames_are_the_restore_order(tmp_path: Path) -> None:
+    out = io.BytesIO()
+    writer = BackupWriter(out)
+    writer.header({"kind": "full", "source": "sqlite", "schema_version": 1})
+    writer.pair(b"a", b"1")
+    writer.clear(b"a", b"b")
+    writer.pair(b"a", b"2")
+    writer.finish({"journal_seq": 0})
+    frames = list(BackupReader(io.BytesIO(out.getvalue())).frames())
+    assert [type(f).__name__ for f in frames] == ["Pair", "Clear", "Pair"]
