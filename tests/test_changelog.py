@@ -19,6 +19,7 @@ from valv.core.iam import BindingInput, IamPolicies
 from valv.core.keystore import KeyStore, NewCryptoKey
 from valv.core.model import VersionState
 from valv.core.scheduler import Scheduler
+from valv.core.storage import journal
 from valv.core.storage.base import Transaction
 
 LOCATION = "projects/p/locations/global"
@@ -163,6 +164,31 @@ async def test_trimming_and_gap_reporting(tmp_path: Path) -> None:
         await ks.create_crypto_key_version(KEY)
         assert await changelog.head(store) == 4
         assert await fsck.check(store) == []
+
+
+async def test_followers_trim_the_write_journal_too(tmp_path: Path) -> None:
+    clock = FakeClock()
+    async with open_keystore(tmp_path / "db", clock) as (ks, store):
+        await _setup(ks)
+        old = await journal.head(store)
+        clock.advance(timedelta(hours=2))
+        await ks.create_crypto_key_version(KEY)
+        follower = changelog.ChangeFollower(store, clock, [ks], trim_interval_s=3600)
+        await follower.start()
+        stop = asyncio.Event()
+        running = asyncio.create_task(follower.run(stop))  # trims on its first round
+
+        async def journal_trimmed() -> bool:
+            batch = await store.run(lambda tr: journal.read_since_body(tr, 0), read_only=True)
+            return batch.gap and batch.entries[0].seq > old  # the old entries are gone
+
+        try:
+            async with asyncio.timeout(10):
+                while not await journal_trimmed():
+                    await asyncio.sleep(0.01)
+        finally:
+            stop.set()
+            await running
 
 
 async def test_a_follower_that_missed_entries_drops_everything(tmp_path: Path) -> None:

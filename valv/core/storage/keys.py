@@ -22,6 +22,12 @@ key                                                          value
 ("audit-head",)                                              AuditHead: the audit chain's end
 ("audit-genesis",)                                           the log's birth: creation time and
                                                              first hash (a deleted log is detected)
+("log", seq:int), ("log-head",)                              the change log (valv.core.changelog)
+("wj", seq:int)                                              JournalEntry: the ranges one write
+                                                             transaction changed (journal.py)
+("wj-head",)                                                 JournalHead: last and first seq
+("meta", "restore")                                          an unfinished restore's position
+                                                             (valv.core.backup.restore; JSON)
 ("meta", ...)                                                store metadata
 ===========================================================  ==================================
 
