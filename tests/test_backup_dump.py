@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import io
 import random
+import threading
 from pathlib import Path
 
 import pytest
@@ -62,7 +63,7 @@ async def test_each_write_transaction_journals_its_ranges(tmp_path: Path) -> Non
             journal.single_key_range(pack("a", 1)), journal.single_key_range(pack("b")),
             pack_range("c"),
             # The entry itself and the head: the journal is replayed like the rest.
-            journal.single_key_range(journal.entry_key(1)),
+            journal.entry_range(1),
             journal.single_key_range(journal.HEAD_KEY)}
         # The journal's own records are sealed like the rest.
         raw = await everything(store.inner)
@@ -77,19 +78,28 @@ def pack_range(*prefix: str) -> tuple[bytes, bytes]:
     return range_of(*prefix)
 
 
-async def test_a_transaction_with_many_writes_is_one_covering_range(tmp_path: Path) -> None:
+async def test_a_transaction_with_many_writes_is_journaled_exactly_in_parts(
+        tmp_path: Path) -> None:
     store = open_journaled(tmp_path / "valv.db")
+    written = [pack("k", i, "x" * 40) for i in range(3000)]
     try:
         def write(tr: Transaction) -> None:
-            for i in range(journal.MAX_RANGES + 5):
-                tr.set(pack("k", i), b"v")
+            for key in written:
+                tr.set(key, b"v")
 
         await store.run(write)
-        batch = await store.run(lambda tr: journal.read_since_body(tr, 0), read_only=True)
-        (entry,) = batch.entries
-        assert entry.ranges == ((pack("k", 0), pack("k", journal.MAX_RANGES + 4) + b"\x00"),
-                                journal.single_key_range(journal.entry_key(1)),
-                                journal.single_key_range(journal.HEAD_KEY))
+        await store.run(lambda tr: tr.set(pack("after"), b"v"))
+        parts = await store.inner.run(
+            lambda tr: tr.get_range(*journal.entry_range(1)), read_only=True)
+        assert len(parts) > 1  # each part stays far under the value limit
+        assert all(len(value) < 70_000 for _, value in parts)
+        for limit in (1, 2, 1000):  # a read never splits an entry
+            batch = await store.run(lambda tr, n=limit: journal.read_since_body(tr, 0, n),
+                                    read_only=True)
+            first = batch.entries[0]
+            assert first.seq == 1
+            assert {journal.single_key_range(k) for k in written} <= set(first.ranges)
+            assert len(first.ranges) == len(written) + 2
     finally:
         await store.close()
 
@@ -108,7 +118,7 @@ async def test_trim_and_gap(tmp_path: Path) -> None:
         # The trim is journaled too (entry 6), so a backup replays it.
         batch = await store.run(lambda tr: journal.read_since_body(tr, 0), read_only=True)
         assert batch.gap and [e.seq for e in batch.entries] == [4, 5, 6]
-        assert (journal.entry_key(1), journal.entry_key(1) + b"\x00") in batch.entries[2].ranges
+        assert journal.entry_range(1) in batch.entries[2].ranges
         batch = await store.run(lambda tr: journal.read_since_body(tr, 3), read_only=True)
         assert not batch.gap and [e.seq for e in batch.entries] == [4, 5, 6]
     finally:
@@ -254,25 +264,34 @@ async def test_restore_resumes_after_a_crash_and_refuses_a_non_empty_target(
 
 async def test_a_dump_whose_journal_was_trimmed_under_it_fails(tmp_path: Path) -> None:
     clock = Clock()
-    store = open_journaled(tmp_path / "valv.db", clock)
+    path = tmp_path / "valv.db"
+    store = open_journaled(path, clock)
     try:
         await seed(store)
 
-        def trim_once(state: object) -> None:
-            # Once, while the scan runs: writes, then a trim of everything before them.
-            if not trims:
-                trims.append(asyncio.get_running_loop().create_task(trim()))
+        async def another_central() -> None:
+            # Writes, two hours pass, more writes, and the journal is trimmed.
+            other = open_journaled(path, clock)
+            try:
+                await other.run(lambda tr: tr.set(pack("late"), b"x"))
+                clock.us += int(journal.RETENTION.total_seconds() * 1e6) + 1
+                await other.run(lambda tr: tr.set(pack("later"), b"x"))
+                assert await journal.trim(other, clock.us) >= 2
+            finally:
+                await other.close()
 
-        async def trim() -> None:
-            await store.run(lambda tr: tr.set(pack("late"), b"x"))
-            clock.us += int(journal.RETENTION.total_seconds() * 1e6) + 1
-            await store.run(lambda tr: tr.set(pack("later"), b"x"))
-            await journal.trim(store, clock.us)
+        def after_first_chunk(state: object) -> None:
+            # Once, while the scan is under way; done before the dump goes on.
+            if not trimmed:
+                trimmed.append(True)
+                thread = threading.Thread(target=lambda: asyncio.run(another_central()))
+                thread.start()
+                thread.join()
 
-        trims: list[asyncio.Task[None]] = []
+        trimmed: list[bool] = []
         with pytest.raises(BackupError, match="trimmed"):
-            await dump(store, BackupWriter(io.BytesIO()), chunk=2, progress=trim_once)
-        await asyncio.gather(*trims)
+            await dump(store, BackupWriter(io.BytesIO()), chunk=2, progress=after_first_chunk)
+        assert trimmed
     finally:
         await store.close()
 

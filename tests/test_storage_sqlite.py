@@ -239,7 +239,7 @@ async def test_open_store_relative(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 @pytest.mark.parametrize(
     ("url", "message"),
     [
-        ("fdb:///etc/foundationdb/fdb.cluster", "not implemented"),
+        ("fdb://host/fdb.cluster", "no host"),
         ("postgres://db/valv", "unknown scheme"),
         ("/just/a/path.db", "unknown scheme"),
         ("sqlite://host/valv.db", "no host"),

@@ -29,10 +29,13 @@ cache TTL. ``wake()`` makes it poll at once: central calls it when a change
 through itself commits (KeyStore.after_change), so its own changes reach its
 listeners (and the sidecars' Watch streams, valv.core.changehub) in
 milliseconds. The poll interval then only bounds changes through other
-centrals. Whatever learns of a commit can call ``wake()``: on FoundationDB a
-watch on the head key could, from its callback thread through
-``loop.call_soon_threadsafe(follower.wake)``, and the interval becomes a
-fallback. ``read_since`` is the same read for the sidecar Watch stream.
+centrals. Whatever learns of a commit can call ``wake()``. On a store that
+watches keys (FoundationDB: ``Store.supports_watches``), the follower also
+waits between polls on a watch of the head key, which every change writes,
+so a change through another central arrives in milliseconds too; the poll
+interval stays as the fallback, for a change committed between a poll and
+the watch being set and for a watch that fails. ``read_since`` is the same
+read for the sidecar Watch stream.
 
 Retention: entries older than RETENTION (1 hour) are trimmed, a bounded batch
 per transaction, by every follower (any number may race: each batch re-reads
@@ -51,6 +54,7 @@ from typing import Protocol
 
 from valv.core import records
 from valv.core.clock import Clock, to_micros
+from valv.core.storage import journal
 from valv.core.storage.base import Store, Transaction
 
 log = logging.getLogger("valv.changelog")
@@ -241,18 +245,49 @@ class ChangeFollower:
                 next_trim = loop.time() + self._trim_interval_s
                 try:
                     await trim(self._store, self._clock, self._retention)
+                    # The write journal (backups) keeps the same hour; every
+                    # central runs this, so a journal never grows unbounded.
+                    await journal.trim(self._store, to_micros(self._clock.now()))
                 except Exception:
                     log.exception("change log trim failed; retrying later")
             await self._idle(stop)
 
     async def _idle(self, stop: asyncio.Event) -> None:
-        """Wait for the poll interval, a wake() or ``stop``, whichever comes first."""
+        """Wait for the poll interval, a wake(), ``stop`` or (on a store with
+        watches) a change of the log head, whichever comes first."""
         if self._wakeup.is_set():
             return
-        waiters = {asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._wakeup.wait())}
+        waiters: set[asyncio.Future[bool]] = {asyncio.ensure_future(stop.wait()),
+                                              asyncio.ensure_future(self._wakeup.wait())}
+        if not self._store.supports_watches:
+            try:
+                await asyncio.wait(waiters, timeout=self.poll_interval_s,
+                                   return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for waiter in waiters:
+                    waiter.cancel()
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.poll_interval_s
+        watch = asyncio.ensure_future(
+            self._store.wait_for_change(records.CHANGE_HEAD_KEY, self.poll_interval_s))
+        pending = {*waiters, watch}
         try:
-            await asyncio.wait(waiters, timeout=self.poll_interval_s,
-                               return_when=asyncio.FIRST_COMPLETED)
+            while pending:
+                done, pending = await asyncio.wait(
+                    pending, timeout=max(0.0, deadline - loop.time()),
+                    return_when=asyncio.FIRST_COMPLETED)
+                if not done or done - {watch}:
+                    return  # the interval passed, or stop / wake()
+                # Only the watch finished. A change: poll now. Its own timeout
+                # or a failed watch: wait out the interval as without watches
+                # (never poll in a tight loop because watches keep failing).
+                failure = None if watch.cancelled() else watch.exception()
+                if failure is None and not watch.cancelled() and watch.result():
+                    return
+                if failure is not None:
+                    log.debug("change log head watch failed; polling at the interval",
+                              exc_info=failure)
         finally:
-            for waiter in waiters:
+            for waiter in (*waiters, watch):
                 waiter.cancel()

@@ -8,7 +8,15 @@ Supported URLs:
 
 - ``sqlite:///abs/path/valv.db``: the embedded default, an absolute path.
 - ``sqlite:relative/path/valv.db``: relative to the working directory.
-- ``fdb://...``: FoundationDB, not implemented yet.
+- ``fdb://``: FoundationDB through the default cluster file (``FDB_CLUSTER_FILE``,
+  then ``./fdb.cluster``, then ``/etc/foundationdb/fdb.cluster``).
+- ``fdb:///etc/foundationdb/fdb.cluster``: through that cluster file
+  (``fdb:relative/fdb.cluster`` for one relative to the working directory).
+  Parameters: ``prefix`` (default ``valv``: one per deployment sharing a
+  cluster), ``api_version`` (default 730), ``timeout_ms`` (default 5000, per
+  transaction, retries included) and ``retry_limit`` (default 100), e.g.
+  ``fdb:///etc/foundationdb/fdb.cluster?prefix=valv-prod&api_version=730``.
+  Needs the FoundationDB client library, libfdb_c (docs/foundationdb.md).
 """
 
 from __future__ import annotations
@@ -39,7 +47,10 @@ __all__ = [
     "open_store",
 ]
 
-_SUPPORTED = "sqlite:///absolute/path.db or sqlite:relative/path.db"
+_SUPPORTED = (
+    "sqlite:///absolute/path.db, sqlite:relative/path.db, or fdb:///path/to/fdb.cluster "
+    "(FoundationDB)"
+)
 
 
 async def open_store(url: str) -> Store:
@@ -48,7 +59,10 @@ async def open_store(url: str) -> Store:
     Raises StorageError for a malformed or unsupported URL, or a store that
     cannot be opened (for example a directory that cannot be created).
     """
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:  # e.g. an unbalanced "[" where a host would be
+        raise StorageError(f"storage URL {url!r} is malformed ({exc}); use {_SUPPORTED}") from None
     scheme = parts.scheme.lower()
     if scheme == "sqlite":
         path = _sqlite_path(url)
@@ -63,10 +77,18 @@ async def open_store(url: str) -> Store:
             raise
         return store
     if scheme == "fdb":
-        raise StorageError(
-            f"storage URL {url!r}: the FoundationDB backend (fdb://) is not implemented "
-            f"yet; use {_SUPPORTED}"
-        )
+        # Imported here: the sqlite default needs nothing of FoundationDB's.
+        from valv.core.storage.fdb import FdbStore, parse_url
+
+        fdb_store = FdbStore(parse_url(url), url=url)
+        try:
+            # Load libfdb_c and reach the cluster now, so a missing client
+            # library or an unreachable cluster fails at startup.
+            await fdb_store.open()
+        except BaseException:
+            await fdb_store.close()
+            raise
+        return fdb_store
     raise StorageError(f"storage URL {url!r}: unknown scheme {parts.scheme!r}; use {_SUPPORTED}")
 
 

@@ -84,6 +84,30 @@ class Store(abc.ABC):
         destruction erases key material). Backends without such files do
         nothing."""
 
+    @property
+    def supports_watches(self) -> bool:
+        """True if ``wait_for_change`` really watches keys (FoundationDB).
+
+        False (the default, and the sqlite backend): it returns False at once,
+        and callers poll instead.
+        """
+        return False
+
+    async def wait_for_change(self, key: bytes, timeout_s: float) -> bool:
+        """Wait until the value at ``key`` changes, for at most ``timeout_s`` seconds.
+
+        True: it changed (perhaps spuriously: the caller re-reads to see what
+        changed). False: ``timeout_s`` passed with no change seen, or the
+        store cannot watch (``supports_watches`` is False), in which case it
+        returns at once. The watch is set during the call, so a change
+        committed just before that is not reported: callers keep polling as a
+        fallback. Raises StorageError if the watch cannot be set or fails.
+
+        A store that wraps another without changing keys (sealing,
+        journaling) should forward both this and ``supports_watches``.
+        """
+        return False
+
     @abc.abstractmethod
     async def close(self) -> None:
         """Release resources. No transaction may run afterwards."""

@@ -11,8 +11,8 @@ journal to write incremental segments.
 writes anything appends one entry, in that same transaction, so a committed
 write always has its entry and an uncommitted one never does:
 
-    ("wj", seq:int)   JournalEntry {seq, time_us, ranges}
-    ("wj-head",)      JournalHead {last_seq, first_seq}
+    ("wj", seq:int, part:int)   JournalEntry {seq, time_us, ranges, part}
+    ("wj-head",)                JournalHead {last_seq, first_seq}
 
 Entries are sealed like every other value (the keys they list are resource
 names, not secrets, but storage is untrusted: an edited journal could make a
@@ -31,9 +31,9 @@ Each entry also lists its own key and the head, and a trim is journaled like
 any write: the journal is part of the store, so a restored store's journal is
 as of the same instant as everything else.
 
-An entry lists at most MAX_RANGES ranges (besides its own two). A transaction that touched more is
-recorded as the one range from its lowest to just past its highest key:
-re-reading more than was written is always safe, missing a write never is.
+An entry lists every key and range its transaction wrote, exactly, spread
+over as many parts as it needs (a transaction that wrote 10,000 keys has a
+few parts), so a backup re-reads what was written and nothing else.
 
 Entries older than RETENTION are trimmed (central's change follower calls
 ``trim`` alongside the change log's). A reader that falls further behind gets
@@ -58,7 +58,10 @@ T = TypeVar("T")
 SCHEMA_VERSION = 1
 ENTRY_PREFIX = "wj"
 HEAD_KEY = keys.pack("wj-head")
-MAX_RANGES = 256
+# A part's ranges, before sealing: far under the 100 kB value limit even with
+# the largest keys (a range is two keys of at most 10 kB).
+PART_BYTES = 60_000
+_RANGE_OVERHEAD = 8
 RETENTION = timedelta(hours=1)
 READ_LIMIT = 1000
 TRIM_BATCH = 1000
@@ -66,8 +69,13 @@ TRIM_BATCH = 1000
 KeyRange = tuple[bytes, bytes]
 
 
-def entry_key(seq: int) -> bytes:
-    return keys.pack(ENTRY_PREFIX, seq)
+def entry_key(seq: int, part: int = 0) -> bytes:
+    return keys.pack(ENTRY_PREFIX, seq, part)
+
+
+def entry_range(seq: int) -> KeyRange:
+    """Every part of entry ``seq``."""
+    return keys.range_of(ENTRY_PREFIX, seq)
 
 
 def single_key_range(key: bytes) -> KeyRange:
@@ -118,14 +126,28 @@ def _encode_head(last_seq: int, first_seq: int) -> bytes:
                                 first_seq=first_seq))
 
 
-def _decode_entry(key: bytes, value: bytes) -> JournalEntry:
+def _decode_part(key: bytes, value: bytes) -> tuple[int, int, tuple[KeyRange, ...]]:
+    """(seq, time_us, ranges) of one stored part."""
     try:
         record = pb.JournalEntry.parse(value)
     except Exception as exc:
         raise JournalError(f"journal entry {keys.describe(key)} is corrupt: {exc}") from None
     _check_schema(key, record.schema_version)
-    return JournalEntry(int(record.seq), int(record.time_us),
-                        tuple((bytes(r.begin), bytes(r.end)) for r in record.ranges))
+    return (int(record.seq), int(record.time_us),
+            tuple((bytes(r.begin), bytes(r.end)) for r in record.ranges))
+
+
+def _entries(pairs: list[tuple[bytes, bytes]]) -> list[JournalEntry]:
+    """Stored parts, in key order, joined into entries."""
+    entries: list[JournalEntry] = []
+    for key, value in pairs:
+        seq, time_us, ranges = _decode_part(key, value)
+        if entries and entries[-1].seq == seq:
+            last = entries[-1]
+            entries[-1] = JournalEntry(seq, last.time_us, last.ranges + ranges)
+        else:
+            entries.append(JournalEntry(seq, time_us, ranges))
+    return entries
 
 
 def _check_schema(key: bytes, version: int) -> None:
@@ -138,16 +160,27 @@ def append(tr: Transaction, now_us: int, ranges: list[KeyRange]) -> int:
     """Append one entry listing ``ranges`` in ``tr`` (sealed); its seq.
 
     The entry lists itself and the head too: the journal is part of the store,
-    and a backup replays it like everything else.
+    and a backup replays it like everything else. Ranges are spread over as
+    many parts as it takes to keep each one under PART_BYTES: an entry is
+    exact however many keys its transaction wrote (a transaction is at most
+    10 MB, so its entry is too).
     """
-    if len(ranges) > MAX_RANGES:
-        ranges = [(min(b for b, _ in ranges), max(e for _, e in ranges))]
     last_seq, first_seq = _decode_head(tr.get(HEAD_KEY))
     seq = last_seq + 1
-    ranges = [*ranges, single_key_range(entry_key(seq)), single_key_range(HEAD_KEY)]
-    record = pb.JournalEntry(schema_version=SCHEMA_VERSION, seq=seq, time_us=now_us,
-                             ranges=[pb.KeyRange(begin=b, end=e) for b, e in ranges])
-    tr.set(entry_key(seq), bytes(record))
+    parts: list[list[KeyRange]] = [[entry_range(seq), single_key_range(HEAD_KEY)]]
+    size = 0
+    for begin, end in ranges:
+        cost = len(begin) + len(end) + _RANGE_OVERHEAD
+        if size + cost > PART_BYTES and parts[-1]:
+            parts.append([])
+            size = 0
+        parts[-1].append((begin, end))
+        size += cost
+    for part, part_ranges in enumerate(parts):
+        record = pb.JournalEntry(schema_version=SCHEMA_VERSION, seq=seq, time_us=now_us,
+                                 part=part,
+                                 ranges=[pb.KeyRange(begin=b, end=e) for b, e in part_ranges])
+        tr.set(entry_key(seq, part), bytes(record))
     tr.set(HEAD_KEY, _encode_head(seq, first_seq))
     return seq
 
@@ -157,14 +190,22 @@ def head_body(tr: Transaction) -> int:
 
 
 def read_since_body(tr: Transaction, seq: int, limit: int = READ_LIMIT) -> JournalBatch:
-    """Entries after ``seq``, at most ``limit``, read in ``tr`` (sealed)."""
+    """Whole entries after ``seq``, about ``limit`` parts' worth, read in ``tr`` (sealed)."""
     last_seq, first_seq = _decode_head(tr.get(HEAD_KEY))
     gap = seq + 1 < first_seq or seq > last_seq
     start = first_seq if gap else seq + 1
     if start > last_seq:
         return JournalBatch([], last_seq, last_seq, gap)
-    pairs = tr.get_range(entry_key(start), entry_key(last_seq + 1), limit=limit)
-    entries = [_decode_entry(k, v) for k, v in pairs]
+    pairs = tr.get_range(keys.pack(ENTRY_PREFIX, start), keys.pack(ENTRY_PREFIX, last_seq + 1),
+                         limit=limit)
+    entries = _entries(pairs)
+    if len(pairs) == limit and entries:
+        # The read may have stopped inside the last entry's parts: drop it, or
+        # if it is the only one, read all of it.
+        if len(entries) > 1:
+            entries.pop()
+        else:
+            entries = _entries(tr.get_range(*entry_range(entries[0].seq)))
     resume = entries[-1].seq if entries else last_seq
     return JournalBatch(entries, resume, last_seq, gap)
 
@@ -176,27 +217,29 @@ async def head(store: Store) -> int:
 
 async def trim(store: Store, now_us: int, retention: timedelta = RETENTION,
                batch: int = TRIM_BATCH) -> int:
-    """Remove entries older than ``retention``, ``batch`` per transaction; how many."""
+    """Remove entries older than ``retention``, about ``batch`` parts per transaction;
+    how many entries."""
     cutoff_us = now_us - retention // timedelta(microseconds=1)
 
-    def body(tr: Transaction) -> int:
+    def body(tr: Transaction) -> tuple[int, bool]:
         last_seq, first_seq = _decode_head(tr.get(HEAD_KEY))
+        batch_read = read_since_body(tr, first_seq - 1, batch)
         removed = 0
-        for key, value in tr.get_range(entry_key(first_seq), entry_key(last_seq + 1),
-                                       limit=batch):
-            if _decode_entry(key, value).time_us >= cutoff_us:
+        for entry in batch_read.entries:
+            if entry.time_us >= cutoff_us:
                 break
-            tr.clear(key)
+            tr.clear_range(*entry_range(entry.seq))
             removed += 1
         if removed:
             tr.set(HEAD_KEY, _encode_head(last_seq, first_seq + removed))
-        return removed
+        more = removed == len(batch_read.entries) and batch_read.last_seq < last_seq
+        return removed, more
 
     total = 0
     while True:
-        removed = await store.run(body)
+        removed, more = await store.run(body)
         total += removed
-        if removed < batch:
+        if not more:
             return total
 
 
@@ -261,6 +304,14 @@ class JournaledStore(Store):
 
     async def erase_freed_space(self) -> None:
         await self._inner.erase_freed_space()
+
+    @property
+    def supports_watches(self) -> bool:
+        return self._inner.supports_watches
+
+    async def wait_for_change(self, key: bytes, timeout_s: float) -> bool:
+        # Keys pass through unchanged, so a watch on the inner store is one on ours.
+        return await self._inner.wait_for_change(key, timeout_s)
 
     async def close(self) -> None:
         await self._inner.close()

@@ -305,5 +305,13 @@ class SealedStore(Store):
     async def erase_freed_space(self) -> None:
         await self._inner.erase_freed_space()
 
+    @property
+    def supports_watches(self) -> bool:
+        return self._inner.supports_watches
+
+    async def wait_for_change(self, key: bytes, timeout_s: float) -> bool:
+        # Keys pass through unchanged, so a watch on the inner store is one on ours.
+        return await self._inner.wait_for_change(key, timeout_s)
+
     async def close(self) -> None:
         await self._inner.close()

@@ -192,10 +192,12 @@ default_message_pool.register_message(
 @dataclass(eq=False, repr=False)
 class JournalEntry(betterproto2.Message):
     """
-    One entry of the write journal ("wj", seq): the key ranges that one
-    committed read-write transaction wrote or cleared, written in that same
-    transaction. Backups read it to stay consistent while writers run, and the
-    active backup tails it (valv.core.storage.journal).
+    One part of an entry of the write journal ("wj", seq, part): the key
+    ranges that one committed read-write transaction wrote or cleared, written
+    in that same transaction; a transaction that wrote many keys gets several
+    parts, each well under the value limit. Backups read it to stay consistent
+    while writers run, and the active backup tails it
+    (valv.core.storage.journal).
     """
 
     schema_version: "int" = betterproto2.field(1, betterproto2.TYPE_UINT32)
@@ -206,8 +208,11 @@ class JournalEntry(betterproto2.Message):
 
     ranges: "list[KeyRange]" = betterproto2.field(4, betterproto2.TYPE_MESSAGE, repeated=True)
     """
-    Everything the transaction may have changed lies inside these ranges.
+    Everything the transaction may have changed lies inside the ranges of
+    all its parts.
     """
+
+    part: "int" = betterproto2.field(5, betterproto2.TYPE_UINT32)
 
 
 default_message_pool.register_message("valv.storage.v1", "JournalEntry", JournalEntry)
