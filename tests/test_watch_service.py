@@ -355,20 +355,23 @@ def usage(version: str, **fields: Any) -> pb.UsageCount:
 VERSION = "projects/p/locations/global/keyRings/r/cryptoKeys/k/cryptoKeyVersions/1"
 
 
+# Times are computed when the test runs, not at collection: a long suite would
+# otherwise turn "10 minutes from now" into the past.
 @pytest.mark.parametrize(("bad", "message"), [
-    ({"rpc": "Sign"}, "counts[1].rpc 'Sign' is not Encrypt or Decrypt"),
-    ({"crypto_key_version": "projects/p/locations/global/keyRings/r/cryptoKeys/k"},
+    (lambda: {"rpc": "Sign"}, "counts[1].rpc 'Sign' is not Encrypt or Decrypt"),
+    (lambda: {"crypto_key_version": "projects/p/locations/global/keyRings/r/cryptoKeys/k"},
      "counts[1].crypto_key_version"),
-    ({"status": "NOPE"}, "counts[1].status 'NOPE' is not a gRPC status code name"),
-    ({"window_start_us": minute(-1) + 1}, "counts[1].window_start_us"),
-    ({"window_start_us": minute(-24 * 60 - 2)}, "counts[1].window_start_us"),
-    ({"window_start_us": minute(10)}, "counts[1].window_start_us"),
-    ({"count": 0}, "counts[1].count 0 is not between 1"),
+    (lambda: {"status": "NOPE"}, "counts[1].status 'NOPE' is not a gRPC status code name"),
+    (lambda: {"window_start_us": minute(-1) + 1}, "counts[1].window_start_us"),
+    (lambda: {"window_start_us": minute(-24 * 60 - 2)}, "counts[1].window_start_us"),
+    (lambda: {"window_start_us": minute(10)}, "counts[1].window_start_us"),
+    (lambda: {"count": 0}, "counts[1].count 0 is not between 1"),
 ])
-def test_bad_usage_reports_are_refused(central: CentralProcess, bad: dict[str, Any],
+def test_bad_usage_reports_are_refused(central: CentralProcess,
+                                       bad: Callable[[], dict[str, Any]],
                                        message: str) -> None:
     with pytest.raises(GRPCError) as info:
-        report(central, [usage(VERSION), usage(VERSION, **bad)])
+        report(central, [usage(VERSION), usage(VERSION, **bad())])
     assert info.value.status == Status.INVALID_ARGUMENT
     assert message in (info.value.message or "")
 
