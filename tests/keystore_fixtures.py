@@ -16,12 +16,17 @@ from valv.core.storage.sqlite import SqliteStore
 
 
 @asynccontextmanager
-async def open_keystore(db: Path, clock: FakeClock, root: RootKey | None = None,
+async def open_keystore(db: Path, clock: FakeClock, root: RootKey | None = None, *,
+                        versionstamps: bool = False,
                         **settings: object) -> AsyncIterator[tuple[KeyStore, SealedStore]]:
-    """A KeyStore over ``db``. Several may share one file (and one root key)."""
+    """A KeyStore over ``db``. Several may share one file (and one root key).
+
+    ``versionstamps``: SQLite emulating them, so the change log and the journal
+    stage and sequence their entries as they do on FoundationDB."""
     ring = RootKeyring([root or RootKey(b"\x01" * 32)])
     # As central opens it: sealed, every write journaled (valv.core.storage.journal).
-    store = journaled_store(SqliteStore(str(db)), Sealer(ring), lambda: to_micros(clock.now()))
+    store = journaled_store(SqliteStore(str(db), versionstamps=versionstamps), Sealer(ring),
+                            lambda: to_micros(clock.now()))
     options: dict[str, object] = {"use_cache_ttl": timedelta(0)}
     options.update(settings)
     keystore = KeyStore(store, ring, clock, KeystoreSettings(**options))  # type: ignore[arg-type]

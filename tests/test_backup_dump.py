@@ -37,8 +37,12 @@ class Clock:
         return self.us
 
 
-def open_journaled(path: Path, clock: Clock | None = None) -> SealedStore:
-    return journal.journaled_store(SqliteStore(path), SEALER, clock or Clock())
+def open_journaled(path: Path, clock: Clock | None = None, *,
+                   versionstamps: bool = False) -> SealedStore:
+    """``versionstamps``: SQLite emulating them, so journal entries are staged and
+    sequenced as on FoundationDB."""
+    return journal.journaled_store(SqliteStore(path, versionstamps=versionstamps), SEALER,
+                                   clock or Clock())
 
 
 async def everything(store: Store) -> dict[bytes, bytes]:
@@ -191,10 +195,12 @@ async def check_invariants(store: SealedStore) -> None:
     await store.run(body, read_only=True)
 
 
+@pytest.mark.parametrize("versionstamps", [False, True], ids=["seqs", "staged"])
 @pytest.mark.parametrize("chunk", [1, 7, 500])
-async def test_a_dump_during_writes_restores_one_instant(tmp_path: Path, chunk: int) -> None:
-    source = open_journaled(tmp_path / "source.db")
-    target = SqliteStore(tmp_path / "target.db")
+async def test_a_dump_during_writes_restores_one_instant(tmp_path: Path, chunk: int,
+                                                         versionstamps: bool) -> None:
+    source = open_journaled(tmp_path / "source.db", versionstamps=versionstamps)
+    target = SqliteStore(tmp_path / "target.db", versionstamps=versionstamps)
     try:
         await seed(source)
         stop = asyncio.Event()
@@ -217,6 +223,8 @@ async def test_a_dump_during_writes_restores_one_instant(tmp_path: Path, chunk: 
         await restore(target, plan)
         restored = journal.journaled_store(target, SEALER, Clock())
         await check_invariants(restored)
+        if versionstamps:  # staged entries were sequenced while the writers ran
+            assert await journal.head(source) > 0
         # Its journal head is the seq the dump says it is consistent at.
         assert await journal.head(restored) == result.journal_seq
     finally:
@@ -306,3 +314,31 @@ def test_reader_frames_are_the_restore_order(tmp_path: Path) -> None:
     writer.finish({"journal_seq": 0})
     frames = list(BackupReader(io.BytesIO(out.getvalue())).frames())
     assert [type(f).__name__ for f in frames] == ["Pair", "Clear", "Pair"]
+
+
+async def test_staged_entries_get_gap_free_seqs_in_commit_order(tmp_path: Path) -> None:
+    path = tmp_path / "valv.db"
+    a = open_journaled(path, versionstamps=True)
+    b = open_journaled(path, versionstamps=True)
+    try:
+        for i in range(6):
+            await (a if i % 2 else b).run(lambda tr, i=i: tr.set(pack("k", i), b"v"))
+        assert await journal.head(a) == 0  # all staged: no writer touched the head
+        staged = await a.run(journal.staged_ranges_body, read_only=True)
+        assert journal.single_key_range(pack("k", 0)) in staged
+        # Two sequencers at once (two processes' worth of stores on one file).
+        moved = await asyncio.gather(journal.sequence(a), journal.sequence(b))
+        assert sum(moved) == 6
+        batch = await a.run(lambda tr: journal.read_since_body(tr, 0), read_only=True)
+        seqs = [e.seq for e in batch.entries]
+        assert seqs == list(range(1, len(seqs) + 1))  # gap-free
+        # Commit order kept: the k writes come out as 0, 1, 2... (sequencer entries
+        # in between list the journal's own keys only).
+        written = [r for e in batch.entries for r in e.ranges
+                   if r[0].startswith(pack("k")[:-1])]
+        assert written == [journal.single_key_range(pack("k", i)) for i in range(6)]
+        assert await a.run(journal.staged_ranges_body, read_only=True) == []
+        assert await journal.sequence(a) == 0  # nothing left, nothing written
+    finally:
+        await a.close()
+        await b.close()

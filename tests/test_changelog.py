@@ -38,9 +38,13 @@ async def _all(ks: KeyStore) -> list[tuple[int, str, str]]:
     return [(c.seq, c.kind, c.resource) for c in batch.changes]
 
 
-async def test_each_change_appends_its_entry(tmp_path: Path) -> None:
+@pytest.mark.parametrize("versionstamps", [False, True], ids=["seqs", "staged"])
+async def test_each_change_appends_its_entry(tmp_path: Path, versionstamps: bool) -> None:
+    """Staged (FoundationDB's way, SQLite emulating versionstamps): the same log once
+    sequenced, and nothing visible before."""
     clock = FakeClock()
-    async with open_keystore(tmp_path / "db", clock) as (ks, store):
+    async with open_keystore(tmp_path / "db", clock,
+                             versionstamps=versionstamps) as (ks, store):
         await _setup(ks)
         await ks.update_crypto_key_version(V1, ["state"], VersionState.DISABLED)
         await ks.create_crypto_key_version(KEY)
@@ -51,6 +55,10 @@ async def test_each_change_appends_its_entry(tmp_path: Path) -> None:
         await ks.restore_crypto_key_version(V1)
         await IamPolicies(ks, clock).set_policy(
             KEY, [BindingInput("roles/cloudkms.viewer", ["user:a@example.com"])], etag=b"")
+        if versionstamps:
+            assert await _all(ks) == [] and await changelog.head(store) == 0
+            assert await changelog.sequence(store) == 9
+            assert await changelog.sequence(store) == 0
         assert await _all(ks) == [
             (1, "key_ring", RING),
             (2, "crypto_key", KEY),
@@ -189,6 +197,27 @@ async def test_followers_trim_the_write_journal_too(tmp_path: Path) -> None:
         finally:
             stop.set()
             await running
+
+
+async def test_staged_changes_through_two_centrals_reach_each_others_followers(
+        tmp_path: Path) -> None:
+    clock = FakeClock()
+    db = tmp_path / "db"
+    async with open_keystore(db, clock, versionstamps=True,
+                             use_cache_ttl=timedelta(seconds=60)) as (a, a_store), \
+            open_keystore(db, clock, versionstamps=True,
+                          use_cache_ttl=timedelta(seconds=60)) as (b, b_store):
+        await _setup(a)
+        follower = changelog.ChangeFollower(b_store, clock, [b])
+        await follower.start()
+        await b.encrypt(KEY, b"dek", b"")  # cached in b for 60 s
+        await a.update_crypto_key_version(V1, ["state"], VersionState.DISABLED)
+        # b's follower sequences what a staged, then applies it: b refuses at once.
+        assert await follower.poll() >= 1
+        with pytest.raises(FailedPrecondition):
+            await b.encrypt(KEY, b"dek", b"")
+        assert [kind for _, kind, _ in await _all(a)] == ["key_ring", "crypto_key", "version"]
+        assert await fsck.check(a_store) == []
 
 
 async def test_a_follower_that_missed_entries_drops_everything(tmp_path: Path) -> None:

@@ -225,7 +225,8 @@ class CentralServer:
         # The hub comes last: by the time a Watch stream filters an event by
         # IAM, the cached policies that event invalidates are gone.
         follower = ChangeFollower(self._store, self.clock, [self.keystore, self.iam, self.hub],
-                                  poll_interval_s=config.changelog_poll_interval_s)
+                                  poll_interval_s=config.changelog_poll_interval_s,
+                                  sequencers=[self.auditor.log.chain])
         # A change through this central is read back at once, not at the next poll.
         self.keystore.after_change = follower.wake
         try:

@@ -5,6 +5,7 @@ Layout (tuples packed with fdb.tuple; see valv.core.storage.keys)::
     ("audit", seq:int)     AuditRecord (valv.audit.v1), seq = 1, 2, 3...
     ("audit-head",)        AuditHead: the last seq and its hash (seq 0: empty log)
     ("audit-genesis",)     the log's birth certificate (JSON, see ``Genesis``)
+    ("audit-stage", vs)    FoundationDB only: a record waiting for ``chain``
 
 Chain. Record n holds ``prev_hash`` = the hash of record n-1 (32 zero bytes
 for record 1) and ``hash`` = SHA-256(prev_hash || canonical(record)), where
@@ -37,15 +38,23 @@ store (or of the head together with the records after it), and rewriting by
 someone who holds the root key. Both are caught by comparing with a head
 hash kept elsewhere (``valv audit verify`` prints it; ``--anchor`` checks it).
 
-Appends. ``AuditLog.append`` runs inside the caller's transaction: it reads
-the head, writes the records after it and the new head. So an audited change
-and its record commit together or not at all, and appends serialize on the
-head. That is free on SQLite (writers are serialized anyway). On
-FoundationDB every audited transaction would conflict on the head key, which
-caps admin changes at roughly one commit latency each across the cluster;
-fine for admin activity, but a reason to keep data access aggregated. A
-FoundationDB backend that needs more could write records at versionstamped
-keys and link them into the chain in a background pass.
+Appends. ``AuditLog.append`` runs inside the caller's transaction, so an
+audited change and its record commit together or not at all. On SQLite it
+reads the head, writes the records after it and the new head: appends
+serialize on the head, which is free there (writers are serialized anyway).
+On FoundationDB that would make every audited transaction conflict on the
+head key, so there versionstamps order the log instead: the record is staged
+at ``("audit-stage", <versionstamp>)`` (a key FDB completes at commit, in
+commit order, with no read), and ``chain`` (every central's change follower
+runs it before each poll, so within a poll interval) links staged records
+into the chain in that order: seq, prev_hash, hash, head. Only chain passes
+touch the head; FDB reruns the one that loses a race.
+
+What staging gives up: until its record is chained (normally well under a
+second), a record is sealed and bound to the staging prefix but not yet
+linked, so someone with write access to storage could delete it in that
+window unnoticed, as they could roll back the whole store; once chained it is
+as tamper-evident as any other.
 
 Data access (Encrypt, Decrypt, GenerateRandomBytes) goes through
 ``DataAccessAggregator`` in "aggregate" mode: counts kept in memory per
@@ -82,7 +91,7 @@ from valv.core.clock import Clock, from_micros, to_micros
 from valv.core.errors import DataLoss
 from valv.core.storage.base import Store, Transaction
 from valv.core.storage.keys import pack, range_of, unpack
-from valv.core.storage.sealed import SealedStore, TamperedRecordError
+from valv.core.storage.sealed import SealedStore, SealedTransaction, TamperedRecordError
 
 log = logging.getLogger("valv.audit")
 
@@ -93,6 +102,8 @@ ZERO_HASH = bytes(HASH_BYTES)
 RECORD_PREFIX = "audit"
 HEAD_KEY = pack("audit-head")
 GENESIS_KEY = pack("audit-genesis")
+# Records waiting for ``chain`` on a store with versionstamps (FoundationDB).
+STAGE_PREFIX = pack("audit-stage")
 # Every audit key starts with these bytes (("audit", seq), ("audit-head",),
 # ("audit-genesis",)): the rest of the store is outside [begin, end).
 _AUDIT_SPACE = (pack(RECORD_PREFIX)[:-1], pack(RECORD_PREFIX)[:-2] + b"u")
@@ -257,7 +268,8 @@ def _name_of(outcome: object) -> str:
     return "" if name is None else str(name)
 
 
-def _build(entry: AuditEntry, seq: int, time_us: int, prev_hash: bytes) -> pb.AuditRecord:
+def _build(entry: AuditEntry, time_us: int) -> pb.AuditRecord:
+    """The record for ``entry``, without its place in the chain (seq, prev_hash, hash)."""
     truncated = False
     text: dict[str, str] = {}
     for name, limit in _LIMITS.items():
@@ -269,14 +281,13 @@ def _build(entry: AuditEntry, seq: int, time_us: int, prev_hash: bytes) -> pb.Au
     for peer in entry.peers[:MAX_PEERS]:
         peers.append(_cut(peer, _LIMITS["peer"])[0])
     record = pb.AuditRecord(
-        schema_version=SCHEMA_VERSION, seq=seq, time_us=time_us, kind=entry.kind,
+        schema_version=SCHEMA_VERSION, time_us=time_us, kind=entry.kind,
         principal=text["principal"], auth_method=text["auth_method"], rpc=text["rpc"],
         resource=text["resource"], target=text["target"], request_json=request_json,
         truncated=truncated, status=text["status"], status_message=text["status_message"],
         peer=text["peer"], request_id=text["request_id"], count=entry.count,
         window_start_us=entry.window_start_us, window_end_us=entry.window_end_us,
-        peers=peers, prev_hash=prev_hash)
-    record.hash = compute_hash(record)
+        peers=peers)
     return record
 
 
@@ -425,32 +436,47 @@ class AuditLog:
         If ``tr`` does not commit, nothing is appended; if the append fails
         (e.g. a tampered head, a deleted log), the exception aborts the
         caller's transaction.
+
+        On a store with versionstamps (FoundationDB) the records are staged
+        instead, in commit order, without reading the head, so audited
+        transactions don't conflict on it; ``chain`` links them into the
+        chain (every central runs it). They are returned with seq 0 then.
         """
         if self._refusal is not None:
             raise DataLoss(self._refusal)
-        head = self._read_head_in(tr)
-        seq, prev = (head.seq, head.hash) if head is not None else (0, ZERO_HASH)
         time_us = to_micros(self._clock.now())
-        written: list[pb.AuditRecord] = []
-        entries = list(entries)
-        if entries and tr.get(record_key(seq + 1)) is not None:
+        records = [_build(entry, time_us) for entry in entries]
+        if tr.supports_versionstamps:
+            for record in records:  # seq and hashes come with their place in the chain
+                tr.set_versionstamped(STAGE_PREFIX, bytes(record))
+            return records
+        return self._link(tr, records)
+
+    def _link(self, tr: Transaction, records: list[pb.AuditRecord]) -> list[pb.AuditRecord]:
+        """Put ``records`` after the head, in order: seq, prev_hash and hash; move the head.
+
+        The head is checked even when there is nothing to put (a deleted log
+        refuses every append)."""
+        head = self._read_head_in(tr)
+        if not records:
+            return records
+        seq, prev = (head.seq, head.hash) if head is not None else (0, ZERO_HASH)
+        if tr.get(record_key(seq + 1)) is not None:
             # One point read per append keeps a rolled-back head from
             # overwriting the records after it.
             raise DataLoss(
                 f"a record already exists past the audit log head (seq {seq + 1}): the head "
                 "was rolled back at the storage level; run `valv audit verify`. Audited changes "
                 "are refused until it is restored")
-        for entry in entries:
+        for record in records:
             seq += 1
-            record = _build(entry, seq, time_us, prev)
+            record.seq, record.prev_hash = seq, prev
+            record.hash = compute_hash(record)
             tr.set(record_key(seq), bytes(record))
             prev = record.hash
-            written.append(record)
-        if not written:
-            return written
         if head is None or head.seq == 0:
             # Record 1: the genesis marker (new, or the one ``open`` wrote) names it.
-            genesis = Genesis(time_us)
+            genesis = Genesis(records[0].time_us)
             if head is not None:
                 value = tr.get(GENESIS_KEY)
                 if value is None:
@@ -461,9 +487,36 @@ class AuditLog:
                     raise DataLoss("the audit log head says the log is empty but its genesis "
                                    "marker names a first record: the head was rolled back at "
                                    "the storage level; run `valv audit verify`")
-            tr.set(GENESIS_KEY, Genesis(genesis.created_us, bytes(written[0].hash)).to_bytes())
+            tr.set(GENESIS_KEY, Genesis(genesis.created_us, bytes(records[0].hash)).to_bytes())
         tr.set(HEAD_KEY, bytes(pb.AuditHead(schema_version=SCHEMA_VERSION, seq=seq, hash=prev)))
-        return written
+        return records
+
+    def _chain_body(self, tr: Transaction) -> int:
+        assert isinstance(tr, SealedTransaction), "the audit log is read and written sealed"
+        staged = tr.get_stamped_range(STAGE_PREFIX, limit=APPEND_BATCH)
+        if not staged:
+            return 0
+        records = []
+        for key, value in staged:
+            records.append(_parse_record(key, value))
+            tr.clear(key)
+        self._link(tr, records)
+        return len(records)
+
+    async def chain(self) -> int:
+        """Link staged records (FoundationDB) into the chain, in commit order; how many.
+
+        Any number of centrals may run it at once: each pass reads the head, so
+        concurrent passes conflict there and FoundationDB runs the loser again.
+        """
+        if not self._store.supports_versionstamps:
+            return 0
+        total = 0
+        while True:
+            linked = await self._store.run(self._chain_body)
+            total += linked
+            if linked < APPEND_BATCH:
+                return total
 
     async def write(self, entries: list[AuditEntry], *,
                     batch: int = APPEND_BATCH) -> list[pb.AuditRecord]:

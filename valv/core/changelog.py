@@ -8,12 +8,16 @@ one never does:
     ("log", seq:int)   ChangeRecord {seq, time_us, kind, resource}
     ("log-head",)      ChangeLogHead {last_seq, first_seq}
 
-Seqs are gap-free: each append reads the head, writes ``last_seq + 1`` and
-moves the head, in the change's transaction (serializable, so concurrent
-changes get distinct, consecutive seqs). On SQLite writers are serialized
-anyway; on FoundationDB every change would conflict on the head, which a
-versionstamped key can replace with the FDB backend (readers only need the
-order, and ``read_since`` hides how seqs are made).
+Seqs are gap-free. On SQLite each append reads the head, writes
+``last_seq + 1`` and moves the head, in the change's transaction (writers are
+serialized anyway). On FoundationDB that would make every change conflict on
+the head, so there versionstamps order the log: a change *stages* its entry
+at ``("log-stage", <versionstamp>)``, a key FDB fills in at commit in commit
+order, with no read; and every central's follower, before it reads, moves
+staged entries to their seqs in that order (``sequence``; only sequencers
+touch the head, and FDB retries the one that loses a race). Readers see
+sequenced entries only, so ``read_since`` and the Watch stream are the same
+on both.
 
 Kinds: ``crypto_key`` (the key record changed: primary, rotation, template,
 labels; resource: the key), ``version`` (a version was created or changed
@@ -47,7 +51,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Protocol
@@ -56,6 +60,8 @@ from valv.core import records
 from valv.core.clock import Clock, to_micros
 from valv.core.storage import journal
 from valv.core.storage.base import Store, Transaction
+from valv.core.storage.keys import pack
+from valv.core.storage.sealed import SealedTransaction
 
 log = logging.getLogger("valv.changelog")
 
@@ -71,6 +77,8 @@ DEFAULT_POLL_INTERVAL_S = 0.2
 READ_LIMIT = 1000
 TRIM_BATCH = 1000
 TRIM_INTERVAL_S = 60.0
+# Entries staged at versionstamped keys, waiting for ``sequence`` (FoundationDB).
+STAGE_PREFIX = pack("log-stage")
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,12 +104,51 @@ class ChangeBatch:
 
 
 def append(tr: Transaction, now_us: int, kind: str, resource: str) -> int:
-    """Append one entry in ``tr``, the change's own transaction; its seq."""
+    """Append one entry in ``tr``, the change's own transaction; its seq.
+
+    Where the store has versionstamps (FoundationDB), the entry is staged
+    instead, so concurrent changes don't conflict on the head, and ``sequence``
+    gives it its seq (returns 0 then).
+    """
+    if tr.supports_versionstamps:
+        tr.set_versionstamped(STAGE_PREFIX, records.encode_change(0, now_us, kind, resource))
+        return 0
     last_seq, first_seq = records.decode_change_head(tr.get(records.CHANGE_HEAD_KEY))
     seq = last_seq + 1
     tr.set(records.change_key(seq), records.encode_change(seq, now_us, kind, resource))
     tr.set(records.CHANGE_HEAD_KEY, records.encode_change_head(seq, first_seq))
     return seq
+
+
+def sequence_body(tr: Transaction, limit: int = READ_LIMIT) -> int:
+    """Give staged entries their seqs, in commit (versionstamp) order; how many."""
+    assert isinstance(tr, SealedTransaction), "the change log is read and written sealed"
+    staged = tr.get_stamped_range(STAGE_PREFIX, limit=limit)
+    if not staged:
+        return 0
+    last_seq, first_seq = records.decode_change_head(tr.get(records.CHANGE_HEAD_KEY))
+    for key, value in staged:
+        record = records.decode_change(key, value)
+        last_seq += 1
+        tr.set(records.change_key(last_seq),
+               records.encode_change(last_seq, int(record.time_us), record.kind,
+                                     record.resource))
+        tr.clear(key)
+    tr.set(records.CHANGE_HEAD_KEY, records.encode_change_head(last_seq, first_seq))
+    return len(staged)
+
+
+async def sequence(store: Store) -> int:
+    """Sequence what is staged (FoundationDB); how many. Safe to run anywhere, any
+    number of times at once: sequencers conflict on the head, and retry."""
+    if not store.supports_versionstamps:
+        return 0
+    total = 0
+    while True:
+        moved = await store.run(sequence_body)
+        total += moved
+        if moved < READ_LIMIT:
+            return total
 
 
 def _decode(key: bytes, value: bytes) -> Change:
@@ -176,7 +223,8 @@ class ChangeFollower:
     def __init__(self, store: Store, clock: Clock, listeners: Sequence[ChangeListener], *,
                  poll_interval_s: float = DEFAULT_POLL_INTERVAL_S,
                  retention: timedelta = RETENTION,
-                 trim_interval_s: float = TRIM_INTERVAL_S) -> None:
+                 trim_interval_s: float = TRIM_INTERVAL_S,
+                 sequencers: Sequence[Callable[[], Awaitable[int]]] = ()) -> None:
         if poll_interval_s <= 0:
             raise ValueError("the change log poll interval must be positive")
         self._store = store
@@ -185,6 +233,10 @@ class ChangeFollower:
         self.poll_interval_s = poll_interval_s
         self._retention = retention
         self._trim_interval_s = trim_interval_s
+        # Other logs to sequence before each poll on a store with versionstamps
+        # (the audit log's AuditLog.chain); the change log's and the journal's
+        # own are always run.
+        self._sequencers = list(sequencers)
         # The last seq seen; None until start() (or the first poll) reads the head.
         self.seen: int | None = None
         # Set by wake(): poll now rather than at the end of the interval.
@@ -200,6 +252,13 @@ class ChangeFollower:
 
     async def poll(self) -> int:
         """Read and apply everything new; how many entries were applied."""
+        if self._store.supports_versionstamps:
+            # Number what changes (through any central) left staged. The journal
+            # last: sequencing the others journals (staged) entries of their own.
+            await sequence(self._store)
+            for sequencer in self._sequencers:
+                await sequencer()
+            await journal.sequence(self._store)
         if self.seen is None:
             # start() failed (e.g. the head is unreadable): begin now, and drop
             # whatever was cached meanwhile, as after a gap.

@@ -108,12 +108,16 @@ def replay_body(tr: Transaction, after_seq: int, limit: int = REPLAY_ENTRIES) ->
     current contents of every range it lists."""
     assert isinstance(tr, SealedTransaction)
     batch = journal.read_since_body(tr, after_seq, limit)
+    listed = [r for entry in batch.entries for r in entry.ranges]
+    # Entries not yet given a seq (FoundationDB: valv.core.storage.journal) are
+    # committed writes too: read their ranges as well, or this read would not
+    # be the whole store as of itself.
+    listed += journal.staged_ranges_body(tr)
     wanted: list[tuple[bytes, bytes]] = []
-    for entry in batch.entries:
-        for begin, end in entry.ranges:
-            clipped = _clip(begin, end)
-            if clipped is not None:
-                wanted.append(clipped)
+    for begin, end in listed:
+        clipped = _clip(begin, end)
+        if clipped is not None:
+            wanted.append(clipped)
     ranges = [((begin, end), [(k, v) for k, v in tr.raw.get_range(begin, end)
                               if k != RESTORE_MARKER_KEY])
               for begin, end in _merge(wanted)]
@@ -166,6 +170,7 @@ async def dump(store: SealedStore, writer: BackupWriter, *, chunk: int = DEFAULT
     raw = store.inner
     state = DumpProgress()
     rmk_ids: set[str] = set()
+    await journal.sequence(store)  # what others left staged: fewer ranges to replay
     start_seq = await journal.head(store)
     writer.header({"kind": KIND_FULL, "source": source_name(store),
                    "schema_version": SCHEMA_VERSION, "created_at": now_iso(),
@@ -192,6 +197,7 @@ async def dump(store: SealedStore, writer: BackupWriter, *, chunk: int = DEFAULT
 
     seen = start_seq
     for _ in range(MAX_REPLAY_ROUNDS):
+        await journal.sequence(store)
         round_ = await store.run(partial(replay_body, after_seq=seen), read_only=True)
         if round_.gap:
             raise BackupError(

@@ -52,6 +52,7 @@ from valv.core.backup.dump import (
 from valv.core.backup.format import KIND_SEGMENT, BackupWriter
 from valv.core.backup.restore import BASE_NAME, SEGMENT_NAME, base_file_name, segment_file_name
 from valv.core.records import SCHEMA_VERSION
+from valv.core.storage import journal
 from valv.core.storage.sealed import SealedStore
 
 log = logging.getLogger("valv.backup")
@@ -168,6 +169,7 @@ class ActiveBackup:
 
         A journal trimmed past our position starts a new generation instead.
         """
+        await journal.sequence(self.store)
         read_at = wall_time()
         after = self.seen
         round_: ReplayRound = await self.store.run(

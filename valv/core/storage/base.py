@@ -66,6 +66,24 @@ class Transaction(abc.ABC):
         ``limit`` > 0 caps the number of pairs returned.
         """
 
+    @property
+    def supports_versionstamps(self) -> bool:
+        """True if ``set_versionstamped`` works here (FoundationDB)."""
+        return False
+
+    def set_versionstamped(self, prefix: bytes, value: bytes) -> None:
+        """Write ``value`` at ``keys.versionstamped_key(prefix, stamp, n)``.
+
+        ``stamp`` is 10 bytes the store fills in at commit, ordered like the
+        commits: a transaction that commits after another gets a larger one,
+        so keys under ``prefix`` sort in commit order. ``n`` counts this
+        transaction's calls (0, 1, 2...), ordering them within it. The point:
+        an append-only log written this way needs no shared counter, so
+        appends by concurrent transactions never conflict. ``prefix`` is a
+        packed tuple. Only where ``supports_versionstamps``.
+        """
+        raise StorageError("this store has no versionstamped keys")
+
 
 class Store(abc.ABC):
     """A transactional key-value store."""
@@ -83,6 +101,12 @@ class Store(abc.ABC):
         backend's own files, as far as the backend can (DESIGN.md §2:
         destruction erases key material). Backends without such files do
         nothing."""
+
+    @property
+    def supports_versionstamps(self) -> bool:
+        """True if transactions offer ``set_versionstamped``: logs then append
+        without a shared counter (valv.core.storage.staging)."""
+        return False
 
     @property
     def supports_watches(self) -> bool:

@@ -699,6 +699,7 @@ class _FdbTransaction(Transaction):
         self._fdb = bindings
         self._read_only = read_only
         self._budget = budget
+        self._stamped = 0  # versionstamped writes so far: their order within the commit
         self._thread = threading.get_ident()
         self._open = True
         # The first FDB error this attempt hit. Set even if the body catches
@@ -753,6 +754,27 @@ class _FdbTransaction(Transaction):
         self._check_write(key)
         self._charge(set_cost(stored, value), f"writing {keys.describe(key)}")
         self._call(lambda: self._tr.set(stored, value), f"writing {keys.describe(key)}")
+
+    @property
+    def supports_versionstamps(self) -> bool:
+        return True
+
+    def set_versionstamped(self, prefix: bytes, value: bytes) -> None:
+        self._check_usable()
+        # The key as it will be, with a placeholder stamp: checked like any key.
+        placeholder = keys.versionstamped_key(prefix, bytes(keys.STAMP_BYTES), self._stamped)
+        stored = self._codec.pack(placeholder)
+        value = check_value(placeholder, value)
+        self._check_write(placeholder)
+        self._charge(set_cost(stored, value), f"writing under {keys.describe(prefix)}")
+        self._stamped += 1
+        # FoundationDB overwrites the 10 bytes at the offset given in the last
+        # four bytes (little-endian, API 520+) with the commit's versionstamp;
+        # the two bytes after them (our call count) are kept.
+        offset = len(stored) - keys.STAMP_BYTES - 2
+        param = stored + offset.to_bytes(4, "little")
+        self._call(lambda: self._tr.set_versionstamped_key(param, value),
+                   f"writing under {keys.describe(prefix)}")
 
     def clear(self, key: bytes) -> None:
         self._check_usable()
@@ -881,6 +903,10 @@ class FdbStore(Store):
             watch.cancel()  # non-blocking; the callback then reports operation_cancelled
         self._watches.clear()
         await asyncio.to_thread(self._executor.shutdown, wait=True)
+
+    @property
+    def supports_versionstamps(self) -> bool:
+        return True
 
     @property
     def supports_watches(self) -> bool:

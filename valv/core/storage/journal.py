@@ -21,11 +21,19 @@ made through ``SealedStore.inner`` (an RMK rotation's reseal) are journaled
 too. Stack it as ``SealedStore(JournaledStore(raw, sealer), sealer)``, which
 ``journaled_store`` does.
 
-Seqs are gap-free, as in the change log (valv.core.changelog): each append
-reads the head and moves it. SQLite serializes writers anyway; on
-FoundationDB every writer conflicts on the head, which serializes writes
-(Valv's are key-management operations and batched audit records, not data
-traffic); a versionstamped key can replace it without changing readers.
+Seqs are gap-free, as in the change log (valv.core.changelog). Where the
+store has no versionstamps (SQLite, which serializes writers anyway), each
+append reads the head and moves it. On FoundationDB that would make every
+writer conflict on the head, so there an entry is *staged* instead, at a
+versionstamped key, which orders entries by commit and needs no read:
+
+    ("wj-stage", <versionstamp>)   JournalEntry {time_us, ranges, part}
+
+and ``sequence`` (run by every central's change follower, and by a backup
+before it reads the journal) moves staged entries, in versionstamp order, to
+their seqs. Only sequencers touch the head, so only they contend. Readers
+see sequenced entries; a backup's replay reads the staged ones too
+(``staged_ranges_body``), so a committed write is never missed either way.
 
 Each entry also lists its own key and the head, and a trim is journaled like
 any write: the journal is part of the store, so a restored store's journal is
@@ -58,6 +66,8 @@ T = TypeVar("T")
 SCHEMA_VERSION = 1
 ENTRY_PREFIX = "wj"
 HEAD_KEY = keys.pack("wj-head")
+STAGE_PREFIX = keys.pack("wj-stage")
+STAGE_RANGE = (STAGE_PREFIX + b"\x00", STAGE_PREFIX + b"\xff")
 # A part's ranges, before sealing: far under the 100 kB value limit even with
 # the largest keys (a range is two keys of at most 10 kB).
 PART_BYTES = 60_000
@@ -156,18 +166,9 @@ def _check_schema(key: bytes, version: int) -> None:
                            f"newer than this Valv understands ({SCHEMA_VERSION}); upgrade Valv")
 
 
-def append(tr: Transaction, now_us: int, ranges: list[KeyRange]) -> int:
-    """Append one entry listing ``ranges`` in ``tr`` (sealed); its seq.
-
-    The entry lists itself and the head too: the journal is part of the store,
-    and a backup replays it like everything else. Ranges are spread over as
-    many parts as it takes to keep each one under PART_BYTES: an entry is
-    exact however many keys its transaction wrote (a transaction is at most
-    10 MB, so its entry is too).
-    """
-    last_seq, first_seq = _decode_head(tr.get(HEAD_KEY))
-    seq = last_seq + 1
-    parts: list[list[KeyRange]] = [[entry_range(seq), single_key_range(HEAD_KEY)]]
+def _parts(first: list[KeyRange], ranges: list[KeyRange]) -> list[list[KeyRange]]:
+    """``first`` then ``ranges``, spread over parts of at most PART_BYTES each."""
+    parts: list[list[KeyRange]] = [list(first)]
     size = 0
     for begin, end in ranges:
         cost = len(begin) + len(end) + _RANGE_OVERHEAD
@@ -176,13 +177,98 @@ def append(tr: Transaction, now_us: int, ranges: list[KeyRange]) -> int:
             size = 0
         parts[-1].append((begin, end))
         size += cost
-    for part, part_ranges in enumerate(parts):
-        record = pb.JournalEntry(schema_version=SCHEMA_VERSION, seq=seq, time_us=now_us,
+    return parts
+
+
+def _encode_part(seq: int, time_us: int, part: int, ranges: list[KeyRange]) -> bytes:
+    return bytes(pb.JournalEntry(schema_version=SCHEMA_VERSION, seq=seq, time_us=time_us,
                                  part=part,
-                                 ranges=[pb.KeyRange(begin=b, end=e) for b, e in part_ranges])
-        tr.set(entry_key(seq, part), bytes(record))
+                                 ranges=[pb.KeyRange(begin=b, end=e) for b, e in ranges]))
+
+
+def append(tr: SealedTransaction, now_us: int, ranges: list[KeyRange], *,
+           staged: bool = False) -> int:
+    """Append one entry listing ``ranges`` in ``tr``; its seq (0 if ``staged``).
+
+    The entry lists itself and the head too: the journal is part of the store,
+    and a backup replays it like everything else. Ranges are spread over as
+    many parts as it takes to keep each one under PART_BYTES: an entry is
+    exact however many keys its transaction wrote (a transaction is at most
+    10 MB, so its entry is too). ``staged``: at versionstamped keys, for
+    ``sequence`` to number (the head is neither read nor written).
+    """
+    if staged:
+        for part, part_ranges in enumerate(_parts([STAGE_RANGE], ranges)):
+            tr.set_versionstamped(STAGE_PREFIX, _encode_part(0, now_us, part, part_ranges))
+        return 0
+    last_seq, first_seq = _decode_head(tr.get(HEAD_KEY))
+    seq = last_seq + 1
+    first = [entry_range(seq), single_key_range(HEAD_KEY)]
+    for part, part_ranges in enumerate(_parts(first, ranges)):
+        tr.set(entry_key(seq, part), _encode_part(seq, now_us, part, part_ranges))
     tr.set(HEAD_KEY, _encode_head(seq, first_seq))
     return seq
+
+
+def _staged(tr: SealedTransaction, limit: int) -> list[tuple[list[bytes], JournalEntry]]:
+    """Staged entries in commit order: (their keys, the entry with seq 0)."""
+    rows = tr.get_stamped_range(STAGE_PREFIX, limit=limit)
+    groups: list[tuple[bytes, list[bytes], JournalEntry]] = []
+    for key, value in rows:
+        stamp, _ = keys.stamp_of(key, STAGE_PREFIX)
+        _, time_us, ranges = _decode_part(key, value)
+        if groups and groups[-1][0] == stamp:
+            _, staged_keys, entry = groups[-1]
+            staged_keys.append(key)
+            groups[-1] = (stamp, staged_keys, JournalEntry(0, entry.time_us,
+                                                           entry.ranges + ranges))
+        else:
+            groups.append((stamp, [key], JournalEntry(0, time_us, ranges)))
+    if limit and len(rows) == limit and len(groups) > 1:
+        groups.pop()  # perhaps cut short: the next pass takes it whole
+    return [(staged_keys, entry) for _, staged_keys, entry in groups]
+
+
+def sequence_body(tr: SealedTransaction, limit: int = READ_LIMIT) -> int:
+    """Give staged entries their seqs, in commit order; how many."""
+    staged = _staged(tr, limit)
+    if not staged:
+        return 0
+    last_seq, first_seq = _decode_head(tr.get(HEAD_KEY))
+    for staged_keys, entry in staged:
+        last_seq += 1
+        # Each part is written again under its seq; its STAGE_RANGE element
+        # stays: the range it names held the entry when it was committed.
+        for part, part_ranges in enumerate(_parts([], list(entry.ranges))):
+            tr.set(entry_key(last_seq, part),
+                   _encode_part(last_seq, entry.time_us, part, part_ranges))
+        for key in staged_keys:
+            tr.clear(key)
+    tr.set(HEAD_KEY, _encode_head(last_seq, first_seq))
+    return len(staged)
+
+
+async def sequence(store: Store, limit: int = READ_LIMIT) -> int:
+    """Sequence everything staged in ``store`` (sealed); how many entries. Any number of
+    processes may run it at once: they conflict on the head, and FDB retries the losers."""
+    if not store.supports_versionstamps:
+        return 0
+    total = 0
+    while True:
+        moved = await store.run(lambda tr: sequence_body(_sealed(tr), limit))
+        total += moved
+        if moved == 0:
+            return total
+
+
+def staged_ranges_body(tr: SealedTransaction) -> list[KeyRange]:
+    """Every range listed by entries still staged: for a backup's replay."""
+    return [r for _, entry in _staged(tr, 0) for r in entry.ranges]
+
+
+def _sealed(tr: Transaction) -> SealedTransaction:
+    assert isinstance(tr, SealedTransaction), "the journal is read and written sealed"
+    return tr
 
 
 def head_body(tr: Transaction) -> int:
@@ -249,6 +335,7 @@ class _JournalingTransaction(Transaction):
     def __init__(self, inner: Transaction) -> None:
         self._inner = inner
         self.ranges: list[KeyRange] = []
+        self.wrote_head = False  # a sequencer or a trim: it holds the head anyway
 
     def get(self, key: bytes) -> bytes | None:
         return self._inner.get(key)
@@ -256,6 +343,16 @@ class _JournalingTransaction(Transaction):
     def set(self, key: bytes, value: bytes) -> None:
         self._inner.set(key, value)
         self.ranges.append(single_key_range(key))
+        if key == HEAD_KEY:
+            self.wrote_head = True
+
+    @property
+    def supports_versionstamps(self) -> bool:
+        return self._inner.supports_versionstamps
+
+    def set_versionstamped(self, prefix: bytes, value: bytes) -> None:
+        self._inner.set_versionstamped(prefix, value)
+        self.ranges.append((prefix + b"\x00", prefix + b"\xff"))
 
     def clear(self, key: bytes) -> None:
         self._inner.clear(key)
@@ -297,7 +394,10 @@ class JournaledStore(Store):
             journaling = _JournalingTransaction(tx)
             result = body(journaling)
             if journaling.ranges:
-                append(SealedTransaction(tx, sealer), now_us(), journaling.ranges)
+                # Staged where versionstamps spare writers the head, unless this
+                # transaction moved the head itself (sequencing, trimming).
+                append(SealedTransaction(tx, sealer), now_us(), journaling.ranges,
+                       staged=tx.supports_versionstamps and not journaling.wrote_head)
             return result
 
         return await self._inner.run(journaling_body)
@@ -312,6 +412,10 @@ class JournaledStore(Store):
     async def wait_for_change(self, key: bytes, timeout_s: float) -> bool:
         # Keys pass through unchanged, so a watch on the inner store is one on ours.
         return await self._inner.wait_for_change(key, timeout_s)
+
+    @property
+    def supports_versionstamps(self) -> bool:
+        return self._inner.supports_versionstamps
 
     async def close(self) -> None:
         await self._inner.close()

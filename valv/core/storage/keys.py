@@ -97,3 +97,32 @@ def describe(key: bytes) -> str:
         size = len(key) if isinstance(key, bytes | bytearray | memoryview) else "?"
         text = f"{text[: _DESCRIBE_MAX_CHARS - 40]}... ({size} bytes)"
     return text
+
+
+# A versionstamp in a packed tuple: fdb.tuple's code 0x33, then the 10-byte
+# stamp the store fills in at commit, then a 2-byte number ordering one
+# transaction's writes. Written by hand because fdb.tuple packs versionstamps
+# only with libfdb_c loaded; ``unpack`` reads them back as
+# fdb.tuple.Versionstamp without it.
+VERSIONSTAMP_CODE = 0x33
+STAMP_BYTES = 10
+MAX_USER_VERSION = 0xFFFF
+
+
+def versionstamped_key(prefix: bytes, stamp: bytes, user_version: int) -> bytes:
+    """``prefix`` (a packed tuple) followed by a versionstamp element."""
+    if len(stamp) != STAMP_BYTES:
+        raise ValueError(f"a versionstamp is {STAMP_BYTES} bytes")
+    if not 0 <= user_version <= MAX_USER_VERSION:
+        raise ValueError("too many versionstamped writes in one transaction")
+    return prefix + bytes((VERSIONSTAMP_CODE,)) + stamp + user_version.to_bytes(2, "big")
+
+
+def stamp_of(key: bytes, prefix: bytes) -> tuple[bytes, int]:
+    """(stamp, user version) of a key written by ``versionstamped_key(prefix, ...)``."""
+    start = len(prefix) + 1
+    if not key.startswith(prefix) or len(key) < start + STAMP_BYTES + 2 \
+            or key[len(prefix)] != VERSIONSTAMP_CODE:
+        raise ValueError(f"{describe(key)} is not a versionstamped key under the prefix")
+    stamp = key[start : start + STAMP_BYTES]
+    return stamp, int.from_bytes(key[start + STAMP_BYTES : start + STAMP_BYTES + 2], "big")

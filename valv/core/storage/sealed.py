@@ -259,6 +259,23 @@ class SealedTransaction(Transaction):
     def clear_range(self, begin: bytes, end: bytes) -> None:
         self._inner.clear_range(begin, end)
 
+    @property
+    def supports_versionstamps(self) -> bool:
+        return self._inner.supports_versionstamps
+
+    def set_versionstamped(self, prefix: bytes, value: bytes) -> None:
+        # The key isn't known until commit, so the AAD is the prefix it goes
+        # under: such a value opens only as one of that prefix's
+        # (``get_stamped_range``), never as any other record.
+        self._inner.set_versionstamped(prefix, self._sealer.seal(prefix, value))
+
+    def get_stamped_range(self, prefix: bytes, *, limit: int = 0
+                          ) -> list[tuple[bytes, bytes]]:
+        """The values written with ``set_versionstamped(prefix, ...)``, in key order."""
+        begin, end = prefix + b"\x00", prefix + b"\xff"
+        return [(k, self._sealer.open(prefix, v))
+                for k, v in self._inner.get_range(begin, end, limit=limit)]
+
     def get_range(
         self, begin: bytes, end: bytes, *, limit: int = 0, reverse: bool = False
     ) -> list[tuple[bytes, bytes]]:
@@ -304,6 +321,10 @@ class SealedStore(Store):
 
     async def erase_freed_space(self) -> None:
         await self._inner.erase_freed_space()
+
+    @property
+    def supports_versionstamps(self) -> bool:
+        return self._inner.supports_versionstamps
 
     @property
     def supports_watches(self) -> bool:
