@@ -11,13 +11,14 @@ import asyncio
 import io
 import random
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from tests.storage_conformance import StaticSealKeys
 from valv.core.backup import restore as restore_mod
-from valv.core.backup.dump import KEYSPACE, BackupError, dump
+from valv.core.backup.dump import KEYSPACE, BackupError, DumpProgress, dump
 from valv.core.backup.format import BackupReader, BackupWriter
 from valv.core.backup.restore import RestoreError, RestorePlan, Source, restore
 from valv.core.storage import journal
@@ -146,37 +147,70 @@ async def seed(store: SealedStore) -> None:
     await store.run(body)
 
 
+def random_write(rng: random.Random) -> Callable[[Transaction], None]:
+    """A transaction body that keeps the invariants: bump a group, or move money."""
+    if rng.random() < 0.5:
+        group = rng.randrange(GROUPS)
+
+        def bump(tr: Transaction) -> None:
+            generation = int(tr.get(pack("g", group, 0)) or b"0") + 1
+            for member in range(PER_GROUP):
+                tr.set(pack("g", group, member), str(generation).encode())
+            # Clear and rewrite a range too, as the keystore's indexes do.
+            tr.clear_range(*pack_range("tmp", str(group)))
+            tr.set(pack("tmp", str(group), generation), b"x")
+
+        return bump
+    a, b = rng.sample(range(ACCOUNTS), 2)
+    amount = rng.randrange(1, 50)
+
+    def transfer(tr: Transaction) -> None:
+        tr.set(pack("acct", a), str(int(tr.get(pack("acct", a)) or 0) - amount).encode())
+        tr.set(pack("acct", b), str(int(tr.get(pack("acct", b)) or 0) + amount).encode())
+
+    return transfer
+
+
 async def writer(store: SealedStore, stop: asyncio.Event, seed_: int,
                  committed: list[int]) -> int:
     """Random transactions, each keeping the invariants; how many committed."""
     rng = random.Random(seed_)
     done = 0
     while not stop.is_set():
-        if rng.random() < 0.5:
-            group = rng.randrange(GROUPS)
-
-            def bump(tr: Transaction, group: int = group) -> None:
-                generation = int(tr.get(pack("g", group, 0)) or b"0") + 1
-                for member in range(PER_GROUP):
-                    tr.set(pack("g", group, member), str(generation).encode())
-                # Clear and rewrite a range too, as the keystore's indexes do.
-                tr.clear_range(*pack_range("tmp", str(group)))
-                tr.set(pack("tmp", str(group), generation), b"x")
-
-            await store.run(bump)
-        else:
-            a, b = rng.sample(range(ACCOUNTS), 2)
-            amount = rng.randrange(1, 50)
-
-            def transfer(tr: Transaction, a: int = a, b: int = b, amount: int = amount) -> None:
-                tr.set(pack("acct", a), str(int(tr.get(pack("acct", a)) or 0) - amount).encode())
-                tr.set(pack("acct", b), str(int(tr.get(pack("acct", b)) or 0) + amount).encode())
-
-            await store.run(transfer)
+        await store.run(random_write(rng))
         done += 1
         committed[0] += 1
         await asyncio.sleep(0)
     return done
+
+
+def another_process_writes(path: Path, rng: random.Random, versionstamps: bool,
+                           times: int = 3) -> Callable[[DumpProgress], None]:
+    """A progress callback that, the first ``times`` times it is called during the
+    scan, commits one write through a store of its own on the same file (as another
+    central would) before the dump goes on: so writes land between the dump's
+    transactions however threads are scheduled. Bounded, because each write adds a
+    key ahead of the scan's cursor: one per chunk would keep a one-pair scan going
+    for ever."""
+    remaining = [times]
+
+    def write(state: DumpProgress) -> None:
+        if state.replayed or state.done or remaining[0] == 0:
+            return  # the scan is over: more writes now would only make the replay chase them
+        remaining[0] -= 1
+
+        async def once() -> None:
+            other = open_journaled(path, versionstamps=versionstamps)
+            try:
+                await other.run(random_write(rng))
+            finally:
+                await other.close()
+
+        thread = threading.Thread(target=lambda: asyncio.run(once()))
+        thread.start()
+        thread.join()
+
+    return write
 
 
 async def check_invariants(store: SealedStore) -> None:
@@ -211,11 +245,12 @@ async def test_a_dump_during_writes_restores_one_instant(tmp_path: Path, chunk: 
             while committed[0] < 10:
                 await asyncio.sleep(0.001)
         out = io.BytesIO()
-        result = await dump(source, BackupWriter(out), chunk=chunk)
+        result = await dump(source, BackupWriter(out), chunk=chunk, progress=(
+            another_process_writes(tmp_path / "source.db", random.Random(chunk), versionstamps)))
         stop.set()
         await asyncio.gather(*writers)
-        if chunk < 100:  # many scan transactions: writes landed between them, and replayed
-            assert result.manifest["clears"] > 0, "no write landed during the dump"
+        # Writes landed between the dump's transactions, and were replayed.
+        assert result.manifest["clears"] > 0
 
         path = tmp_path / "b.vbk"
         path.write_bytes(out.getvalue())

@@ -417,6 +417,17 @@ class KekCacheMachine(RuleBasedStateMachine):
         for secret in self.issued:
             assert secret.zeroized == (id(secret) not in cached | held)
 
+    @invariant()
+    def one_shared_name_per_cached_key(self) -> None:
+        """The cache keeps one copy of each key name, counted by its live
+        entries, and forgets it with the last of them."""
+        self.cache.expire()
+        per_name: dict[str, int] = {}
+        for entry in self.cache._entries.values():
+            per_name[entry.key_name] = per_name.get(entry.key_name, 0) + 1
+            assert entry.key_name is self.cache._names[entry.key_name].name
+        assert {n: c.entries for n, c in self.cache._names.items()} == per_name
+
 
 TestKekCacheMachine = KekCacheMachine.TestCase
 TestKekCacheMachine.settings = settings(max_examples=60, stateful_step_count=30,

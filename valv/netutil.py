@@ -103,6 +103,22 @@ def limit_request_size(stream: Any) -> None:
     protocol_stream.recv_data = bounded_read
 
 
+def release_request_limit(stream: Any) -> None:
+    """Undo :func:`limit_request_size` once a call is over.
+
+    That guard puts a closure on grpclib's protocol stream which holds the
+    stream's own bound ``recv_data``: a reference cycle. Left alone, every
+    call's stream (with its buffer, queues and events, about 5 KB) is freed
+    only by the cycle collector, typically long after the call, since it gets
+    promoted past the young generations while the call is in flight: with 64
+    calls in flight that was about 5 MB of the sidecar's RSS. Dropping the
+    closure when the handler is done lets reference counting free it at once.
+    """
+    attributes = getattr(getattr(stream, "_stream", None), "__dict__", None)
+    if attributes is not None:
+        attributes.pop("recv_data", None)  # the class's own recv_data again
+
+
 class CallTracker:
     """Counts calls in flight, so shutdown can drain them before closing."""
 

@@ -35,7 +35,7 @@ from valv.core.calls import (
     current_call,
 )
 from valv.core.errors import InvalidArgument
-from valv.netutil import CallTracker, limit_request_size
+from valv.netutil import CallTracker, limit_request_size, release_request_limit
 
 
 class RequestCodec(ProtoCodec):
@@ -153,6 +153,7 @@ class Calls:
                 await self.auditor.finished(call, None)
             finally:
                 tracker.leave()
+                release_request_limit(stream)  # no reference cycle left behind
 
         return guarded
 

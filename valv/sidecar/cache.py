@@ -211,6 +211,14 @@ class _Entries(TTLCache[_CacheKey, _Entry, float]):
         return key, entry
 
 
+class _Name:
+    __slots__ = ("entries", "name")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.entries = 0
+
+
 class _Flight:
     __slots__ = ("entry", "ref_held", "stale", "task", "waiters")
 
@@ -242,6 +250,10 @@ class KekCache:
         self._entries = _Entries(self, max_entries, ttl_s, timer)
         # key name -> primary version id; only while (name, id) is cached.
         self._primary: dict[str, int] = {}
+        # key name -> one shared copy of it and how many cached entries use it.
+        # Each request brings its own copy of the name; kept per entry, 10,000
+        # versions of a key held 10,000 copies (~130 bytes each).
+        self._names: dict[str, _Name] = {}
         self._flights: dict[_CacheKey, _Flight] = {}
 
     def __len__(self) -> int:
@@ -387,6 +399,12 @@ class KekCache:
 
     def _retire(self, entry: _Entry) -> None:
         """The entry has left the cache: wipe it now or at its last release."""
+        if not entry.retired:
+            name = self._names.get(entry.key_name)
+            if name is not None:
+                name.entries -= 1
+                if name.entries <= 0:
+                    del self._names[entry.key_name]
         entry.retired = True
         if self._primary.get(entry.key_name) == entry.version_id:
             del self._primary[entry.key_name]
@@ -407,6 +425,9 @@ class KekCache:
 
     def _store(self, flight: _Flight, key_name: str, version_id: int,
                fetched: FetchedKek) -> _Entry:
+        if not flight.stale:
+            self._remove((key_name, fetched.version_id))  # an older copy fetched meanwhile
+            key_name = self._shared_name(key_name)
         entry = _Entry(key_name, fetched.version_id, fetched.kek, fetched.is_primary,
                        self._timer())
         entry.refs = 1  # the flight's reference, until every waiter has its own
@@ -415,12 +436,18 @@ class KekCache:
         if flight.stale:
             entry.retired = True
             return entry
-        cache_key = (key_name, fetched.version_id)
-        self._remove(cache_key)  # an older copy fetched meanwhile, if any
-        self._entries[cache_key] = entry
+        self._entries[(key_name, fetched.version_id)] = entry
         if version_id == PRIMARY:
             self._primary[key_name] = fetched.version_id
         return entry
+
+    def _shared_name(self, key_name: str) -> str:
+        """The one copy of ``key_name`` the cache keeps, counting one more entry."""
+        name = self._names.get(key_name)
+        if name is None:
+            name = self._names[key_name] = _Name(key_name)
+        name.entries += 1
+        return name.name
 
     async def _fly(self, flight: _Flight, key_name: str, version_id: int,
                    fetch: Callable[[], Awaitable[FetchedKek]]) -> _Entry:

@@ -30,7 +30,7 @@ from grpclib.const import Cardinality, Status
 from grpclib.encoding.base import CodecBase, StatusDetailsCodecBase
 from grpclib.exceptions import StreamTerminatedError
 
-from valv.netutil import CallTracker, limit_request_size
+from valv.netutil import CallTracker, limit_request_size, release_request_limit
 
 log = logging.getLogger("valv.sidecar")
 
@@ -180,6 +180,7 @@ class Forwarder:
             await self.relay(path, stream, await stream.recv_message())
         finally:
             self.tracker.leave()
+            release_request_limit(stream)
 
     async def relay(self, path: str, stream: Any, request: bytes | None) -> None:
         """Send ``request`` (already read from ``stream``) to central and ``stream``

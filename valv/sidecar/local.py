@@ -35,7 +35,7 @@ from valv._proto.google.cloud.kms import v1 as kms_v1
 from valv.core import envelope
 from valv.core.crypto.ciphertext import CiphertextCodec
 from valv.core.errors import InvalidArgument
-from valv.netutil import CallTracker, limit_request_size
+from valv.netutil import CallTracker, limit_request_size, release_request_limit
 from valv.sidecar import wire
 from valv.sidecar.cache import PRIMARY, FetchedKek, KekCache, Lease
 from valv.sidecar.forward import Forwarder
@@ -90,6 +90,7 @@ class LocalCrypto:
                 await stream.send_message(reply)
             finally:
                 tracker.leave()
+                release_request_limit(stream)  # no reference cycle left behind
 
         return handle
 
