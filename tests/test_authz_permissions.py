@@ -175,6 +175,14 @@ def test_no_permission_needed() -> None:
     assert required("ReportUsage", sidecar_pb.ReportUsageRequest()) is None
 
 
+def test_exactly_the_sidecar_service_is_for_sidecars_only() -> None:
+    from valv.central.permissions import RULES, sidecar_only
+
+    assert {rpc for rpc in RULES if sidecar_only(rpc)} == {
+        "FetchVersion", "Watch", "ReportUsage"}
+    assert not sidecar_only("Frobnicate")
+
+
 def test_an_rpc_without_a_rule_is_refused() -> None:
     with pytest.raises(PermissionDenied, match="no permission is defined for Frobnicate"):
         required("Frobnicate", kms_pb.EncryptRequest(name=KEY))

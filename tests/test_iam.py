@@ -73,8 +73,10 @@ def test_basic_roles() -> None:
 
 def test_every_role_grants_only_known_permissions() -> None:
     for role, permissions in iam.ROLES.items():
-        assert permissions <= iam.ALL_PERMISSIONS, role
+        assert permissions <= iam.ALL_PERMISSIONS | {iam.SIDECAR_CONNECT}, role
         assert role.startswith("roles/")
+    # Being a sidecar is granted on purpose only: no Cloud KMS role implies it.
+    assert [r for r, p in iam.ROLES.items() if iam.SIDECAR_CONNECT in p] == [iam.SIDECAR_ROLE]
     assert all(p.startswith("cloudkms.") for p in iam.ALL_PERMISSIONS)
     assert len(iam.ALL_PERMISSIONS) > 30
 
@@ -147,6 +149,16 @@ def test_policy_size_limits() -> None:
 
 
 # ---- the root policy file -------------------------------------------------------------
+
+
+def test_the_sidecar_role_is_for_the_root_policy_only(tmp_path: Path) -> None:
+    with pytest.raises(InvalidArgument, match="only be granted in the root policy"):
+        iam.check_policy([b(iam.SIDECAR_ROLE, "serviceAccount:s@x.com")])
+    path = tmp_path / "root.json"
+    path.write_text(json.dumps({"bindings": [
+        {"role": iam.SIDECAR_ROLE, "members": ["serviceAccount:s@x.com"]}]}))
+    policy = iam.load_root_policy(path)
+    assert policy.bindings == (iam.Binding(iam.SIDECAR_ROLE, ("serviceAccount:s@x.com",)),)
 
 
 def test_root_policy_file(tmp_path: Path) -> None:
@@ -430,7 +442,7 @@ MEMBERS = ["user:a@x.com", "user:b@y.org", "serviceAccount:s@x.com", "group:g@x.
            "domain:x.com", "allAuthenticatedUsers"]
 CALLERS = ["user:a@x.com", "user:b@y.org", "serviceAccount:s@x.com", "group:g@x.com",
            "user:c@z.net"]
-policies_st = st.lists(st.tuples(st.sampled_from(sorted(iam.ROLES)),
+policies_st = st.lists(st.tuples(st.sampled_from(sorted(set(iam.ROLES) - iam.ROOT_ONLY_ROLES)),
                                  st.lists(st.sampled_from(MEMBERS), max_size=3)), max_size=4)
 
 

@@ -132,7 +132,8 @@ def test_refusals(central: CentralProcess, kms: kms_v1.KeyManagementServiceClien
 
 ADMIN = "user:admin@example.com"
 SIDECAR = "serviceAccount:sidecar@example.com"
-TOKENS = {member: f"token-{uuid.uuid4().hex}" for member in (ADMIN, SIDECAR)}
+APP = "serviceAccount:app@example.com"  # uses keys, but is no sidecar
+TOKENS = {member: f"token-{uuid.uuid4().hex}" for member in (ADMIN, SIDECAR, APP)}
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +144,10 @@ def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CentralProcess
         {member: hashlib.sha256(token.encode()).hexdigest() for member, token in TOKENS.items()}))
     root_policy = home / "root-policy.json"
     root_policy.write_text(json.dumps({"bindings": [
-        {"role": "roles/cloudkms.admin", "members": [ADMIN]}]}))
+        {"role": "roles/cloudkms.admin", "members": [ADMIN]},
+        # The admin is a sidecar identity too, so what refuses it below is its
+        # lack of use permission.
+        {"role": "roles/valv.sidecar", "members": [SIDECAR, ADMIN]}]}))
     process = CentralProcess(home / "central", "--tokens-file", str(tokens_file),
                              "--dev-root-key",
                              env={"VALV_ROOT_POLICY_FILE": str(root_policy)}).start()
@@ -161,7 +165,7 @@ def test_the_use_permission_of_the_purpose_is_checked(secured: CentralProcess) -
         "parent": ring, "crypto_key_id": "key", "crypto_key": {"purpose": ENCRYPT_DECRYPT}},
         metadata=admin, **CALL).name
     client.set_iam_policy(request={"resource": key, "policy": {"bindings": [
-        {"role": "roles/cloudkms.cryptoKeyEncrypter", "members": [SIDECAR]}]}},
+        {"role": "roles/cloudkms.cryptoKeyEncrypter", "members": [SIDECAR, APP]}]}},
         metadata=admin, **CALL)
     recipient = X25519PrivateKey.generate()
     request: dict[str, Any] = {"crypto_key": key, "recipient_public_key": raw(recipient)}
@@ -179,6 +183,14 @@ def test_the_use_permission_of_the_purpose_is_checked(secured: CentralProcess) -
         assert status_of(secured, TOKENS[ADMIN], purpose=purpose, **request) \
             == Status.PERMISSION_DENIED
     assert status_of(secured, None, purpose=ENCRYPT, **request) == Status.UNAUTHENTICATED
+    # A key user that is not a sidecar identity may Encrypt, but gets no KEK.
+    with pytest.raises(GRPCError) as refused:
+        fetch(secured, TOKENS[APP], purpose=ENCRYPT, **request)
+    assert refused.value.status is Status.PERMISSION_DENIED
+    assert "valv.sidecar.connect" in (refused.value.message or "")
+    assert "roles/valv.sidecar" in (refused.value.message or "")
+    assert client.encrypt(request={"name": key, "plaintext": b"dek"}, metadata=[
+        ("authorization", f"Bearer {TOKENS[APP]}")], **CALL).ciphertext
     logs = secured.logs()
     assert bytes(open_sealed(response.sealed_material, recipient,
                              version_name=response.version, purpose="ENCRYPT")).hex() not in logs

@@ -89,6 +89,7 @@ TOKENS = {member: f"token-{uuid.uuid4().hex}" for member in (ADMIN, APP, SIDECAR
 ENCRYPTER = "roles/cloudkms.cryptoKeyEncrypter"
 DECRYPTER = "roles/cloudkms.cryptoKeyDecrypter"
 ENCRYPTER_DECRYPTER = "roles/cloudkms.cryptoKeyEncrypterDecrypter"
+SIDECAR_ROLE = "roles/valv.sidecar"
 
 # Flags of the shared centrals: versions can be destroyed (for real) within seconds.
 FAST_DESTROY = ("--min-destroy-duration", "1", "--scheduler-interval", "0.2")
@@ -188,13 +189,16 @@ def dev(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
         central.stop()
 
 
-def start_authenticated_central(home: Path, *extra: str) -> CentralProcess:
+def start_authenticated_central(home: Path, *extra: str,
+                                sidecars: tuple[str, ...] = (SIDECAR,)) -> CentralProcess:
     """Static tokens for ADMIN (cloudkms.admin everywhere), APP (encrypterDecrypter
-    everywhere) and SIDECAR (nothing but what a test grants it)."""
+    everywhere) and SIDECAR (a sidecar identity, with nothing but what a test grants
+    it on keys)."""
     home.mkdir(parents=True, exist_ok=True)
     tokens = write_tokens(home / "tokens.json", TOKENS)
     policy = write_policy(home / "root-policy.json", {"roles/cloudkms.admin": [ADMIN],
-                                                      ENCRYPTER_DECRYPTER: [APP]})
+                                                      ENCRYPTER_DECRYPTER: [APP],
+                                                      SIDECAR_ROLE: list(sidecars)})
     return CentralProcess(home / "central", "--tokens-file", str(tokens),
                           "--root-policy-file", str(policy), "--dev-root-key",
                           *FAST_DESTROY, *extra).start()
@@ -713,6 +717,31 @@ def test_fetch_refused_for_lack_of_use_permission_is_centrals_permission_denied(
     assert moved["valv_sidecar_forwarded_calls_total"] == 0
     # Decrypt, which the role does allow, is answered locally.
     assert auth.local.decrypt(name=key, ciphertext=ciphertext).plaintext == b"dek"
+
+
+def test_a_sidecar_whose_identity_is_no_sidecar_gets_no_material(
+        auth: Pair, tmp_path: Path) -> None:
+    """APP may use every key but is not granted roles/valv.sidecar: a sidecar running
+    as APP is never ready, and its local calls say why instead of serving."""
+    key = make_key(auth.admin, make_ring(auth.admin))
+    token = tmp_path / "app.token"
+    token.write_text(TOKENS[APP] + "\n")
+    sidecar = SidecarProcess(tmp_path, auth.central.addr, "--token-file", str(token))
+    try:
+        sidecar.start(wait_ready=False)
+        wait_for(lambda: "valv.sidecar.connect" in sidecar.readyz()[1],
+                 deadline_s=STARTUP_DEADLINE_S, what="/readyz to say why it is not ready")
+        assert sidecar.readyz()[0] == 503
+        local = As(sidecar.client(), None)
+        for name in (key, f"{key}/cryptoKeyVersions/1"):
+            got = outcome(lambda name=name: local.encrypt(name=name, plaintext=b"dek"))
+            assert got[:2] == ("error", "PERMISSION_DENIED"), got
+            assert "roles/valv.sidecar" in got[2], got
+        assert sidecar.metric("valv_sidecar_local_calls_total") == 0
+        assert sidecar.metric("valv_sidecar_forwarded_calls_total") == 0
+    finally:
+        if sidecar.proc is not None:
+            assert sidecar.stop() == 0, sidecar.logs()
 
 
 # ---- 5. revocation latency -----------------------------------------------------------------------
@@ -1250,7 +1279,8 @@ def test_the_sidecar_reaches_central_over_mtls_as_its_certificate(tmp_path: Path
     central = start_authenticated_central(
         tmp_path, "--tls-cert-file", str(tmp_path / "server.pem"),
         "--tls-key-file", str(tmp_path / "server.key"),
-        "--tls-client-ca-file", str(tmp_path / "ca.pem"), "--log-level", "debug")
+        "--tls-client-ca-file", str(tmp_path / "ca.pem"), "--log-level", "debug",
+        sidecars=(f"serviceAccount:{SPIFFE_ID}",))
     sidecar = SidecarProcess(tmp_path, central.addr,
                              "--central-ca-file", str(tmp_path / "ca.pem"),
                              "--client-cert-file", str(tmp_path / "client.pem"),

@@ -233,7 +233,8 @@ def test_the_sidecar_calls_with_its_own_token_and_follows_its_rotation(tmp_path:
     policy = tmp_path / "root-policy.json"
     policy.write_text(json.dumps({"bindings": [
         {"role": "roles/cloudkms.admin", "members": [first, second]},
-        {"role": "roles/cloudkms.cryptoKeyEncrypterDecrypter", "members": [first, second]}]}))
+        {"role": "roles/cloudkms.cryptoKeyEncrypterDecrypter", "members": [first, second]},
+        {"role": "roles/valv.sidecar", "members": [first, second]}]}))
     central = CentralProcess(tmp_path / "central", "--tokens-file", str(tokens),
                              "--root-policy-file", str(policy), "--log-level", "debug",
                              env=root_key_env()).start()

@@ -397,7 +397,8 @@ def secured_central(home: Path, *extra: str) -> CentralProcess:
         {member: hashlib.sha256(token.encode()).hexdigest() for member, token in TOKENS.items()}))
     root_policy = home / "root-policy.json"
     root_policy.write_text(json.dumps({"bindings": [
-        {"role": "roles/cloudkms.admin", "members": [ADMIN]}]}))
+        {"role": "roles/cloudkms.admin", "members": [ADMIN]},
+        {"role": "roles/valv.sidecar", "members": [SIDECAR, OTHER]}]}))
     return CentralProcess(home / "central", "--tokens-file", str(tokens_file),
                           "--dev-root-key", *extra,
                           env={"VALV_ROOT_POLICY_FILE": str(root_policy)}).start()
@@ -455,6 +456,22 @@ def test_unauthenticated_calls_are_refused(secured: CentralProcess,
         with pytest.raises(GRPCError) as info:
             report(secured, [usage(VERSION)], token=token)
         assert info.value.status == Status.UNAUTHENTICATED
+
+
+def test_callers_that_are_not_sidecars_are_refused(secured: CentralProcess,
+                                                    watchers: list[Watcher]) -> None:
+    """ADMIN is authenticated and may do everything to keys, but is no sidecar
+    identity (roles/valv.sidecar in the root policy): no Watch, no ReportUsage."""
+    watcher = Watcher(secured, token=TOKENS[ADMIN])
+    watchers.append(watcher)
+    assert watcher.ended.wait(10)
+    assert watcher.events == []
+    assert watcher.error is not None and watcher.error.status == Status.PERMISSION_DENIED
+    assert "roles/valv.sidecar" in (watcher.error.message or "")
+    with pytest.raises(GRPCError) as info:
+        report(secured, [usage(VERSION)], token=TOKENS[ADMIN])
+    assert info.value.status == Status.PERMISSION_DENIED
+    assert "valv.sidecar.connect" in (info.value.message or "")
 
 
 @pytest.mark.parametrize("mode", ["aggregate", "full", "off"])

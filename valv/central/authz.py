@@ -11,6 +11,8 @@ valv.core.iam.
   message whether or not the resource exists, so a caller who may not read a
   resource can't learn whether it exists. A caller who may gets the
   handler's NOT_FOUND.
+- The sidecars' private service (valv.sidecar.v1) first needs
+  ``valv.sidecar.connect`` in the root policy, whatever the request.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 from typing import Any
 
 from valv.central import permissions
+from valv.core import iam
 from valv.core.calls import CallContext
 from valv.core.errors import PermissionDenied
 from valv.core.iam import IamPolicies
@@ -41,6 +44,13 @@ class IamAuthorizer:
     async def authorize(self, call: CallContext, request: Any) -> None:
         if is_dev(call):
             return
+        if permissions.sidecar_only(call.rpc) and not self.policies.root_allows(
+                call.principal.member, iam.SIDECAR_CONNECT):
+            raise PermissionDenied(
+                f"Permission '{iam.SIDECAR_CONNECT}' denied: {call.rpc} is for Valv sidecars "
+                f"only, and {call.principal.member} is not one. To run a sidecar as this "
+                f"identity, grant it {iam.SIDECAR_ROLE} in the root policy "
+                "(--root-policy-file); applications call Encrypt and Decrypt instead.")
         check = permissions.required(call.rpc, request)
         if check is None:
             return

@@ -22,11 +22,15 @@ Decisions where Valv had to choose:
 - ImportCryptoKeyVersion checks cryptoKeyVersions.create on the key; Cloud
   KMS also checks importJobs.useToImport on the import job, which Valv will
   add when import jobs exist.
-- valv.sidecar.v1 Watch and ReportUsage need an authenticated caller but no
-  permission on a resource: Watch sends key events only to principals that
-  may use the key (valv.central.watch filters them per event) and IAM,
-  KeyRing and root-key events to every stream; ReportUsage records counts
-  under the caller's own name only.
+- valv.sidecar.v1.KeyMaterial (FetchVersion, Watch, ReportUsage) is for
+  sidecars only: every method first needs Valv's own permission
+  ``valv.sidecar.connect`` in the root policy (``roles/valv.sidecar``), so a
+  key user who is not a sidecar can Encrypt and Decrypt but never fetch a
+  KEK. FetchVersion also needs useToEncrypt/useToDecrypt (by purpose) on the
+  key. Watch and ReportUsage need nothing more: Watch sends key events only
+  to principals that may use the key (valv.central.watch filters them per
+  event) and IAM, KeyRing and root-key events to every stream; ReportUsage
+  records counts under the caller's own name only.
 - google.longrunning.Operations: Valv has no long-running operations, so
   these need no permission and answer UNIMPLEMENTED; give them a permission
   before implementing them.
@@ -90,6 +94,9 @@ class Rule:
     # purpose): the permission, from the request. ``permission`` then only
     # describes the choice.
     choose: Callable[[Any], str] | None = None
+    # Sidecars only: the caller must also hold iam.SIDECAR_CONNECT in the
+    # root policy, checked before anything else.
+    sidecar_only: bool = False
 
     def permission_for(self, kind: str) -> str | None:
         """The permission on a resource of ``kind`` ("keyRings", "cryptoKeys",
@@ -166,10 +173,16 @@ RULES: dict[str, Rule] = {
     "WaitOperation": Rule(None, "name", Shape.NONE),
     # ---- valv.sidecar.v1.KeyMaterial (sidecars only: DESIGN.md §5)
     "FetchVersion": Rule(MATERIAL_PERMISSION, "crypto_key", Shape.CRYPTO_KEY,
-                         choose=_material_permission),
-    "Watch": Rule(None, "after_seq", Shape.NONE),
-    "ReportUsage": Rule(None, "counts", Shape.NONE),
+                         choose=_material_permission, sidecar_only=True),
+    "Watch": Rule(None, "after_seq", Shape.NONE, sidecar_only=True),
+    "ReportUsage": Rule(None, "counts", Shape.NONE, sidecar_only=True),
 }
+
+
+def sidecar_only(rpc: str) -> bool:
+    """Whether ``rpc`` is for sidecar identities only (see the module's notes)."""
+    rule = RULES.get(rpc)
+    return rule is not None and rule.sidecar_only
 
 
 @dataclass(frozen=True, slots=True)

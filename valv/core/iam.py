@@ -50,6 +50,7 @@ from valv.core import changelog, records
 from valv.core.clock import Clock, to_micros
 from valv.core.errors import Aborted, DataLoss, InvalidArgument, NotFound
 from valv.core.keystore import KeyStore
+from valv.core.material import SIDECAR_PERMISSION
 from valv.core.names import (
     CryptoKeyName,
     CryptoKeyVersionName,
@@ -105,6 +106,14 @@ LOCATIONS_LIST = "cloudkms.locations.list"
 LOCATIONS_GENERATE_RANDOM_BYTES = "cloudkms.locations.generateRandomBytes"
 RETIRED_RESOURCES_GET = "cloudkms.retiredResources.get"
 RETIRED_RESOURCES_LIST = "cloudkms.retiredResources.list"
+
+# Valv's own permission (not Cloud KMS's): may act as a sidecar, i.e. call
+# central's private valv.sidecar.v1.KeyMaterial service, which hands out
+# unwrapped KEK material (for keys the caller may also use), streams changes
+# and takes usage reports. Granted only by roles/valv.sidecar in the root
+# policy: a key user who is not a sidecar gets Encrypt/Decrypt, never a KEK.
+SIDECAR_CONNECT = SIDECAR_PERMISSION
+SIDECAR_ROLE = "roles/valv.sidecar"
 
 # ---- roles --------------------------------------------------------------------
 #
@@ -169,7 +178,14 @@ ROLES: Mapping[str, frozenset[str]] = {
     "roles/viewer": frozenset(_KMS_VIEWER | _GET_IAM_POLICY),
     "roles/editor": frozenset(_EDITOR),
     "roles/owner": ALL_PERMISSIONS,
+    # Valv's own; root policy only (ROOT_ONLY_ROLES). roles/owner does not
+    # include it: being a sidecar is always granted on purpose.
+    SIDECAR_ROLE: frozenset({SIDECAR_CONNECT}),
 }
+
+# Roles that mean something only deployment-wide: bound in the root policy
+# file, refused in a KeyRing's or CryptoKey's policy.
+ROOT_ONLY_ROLES = frozenset({SIDECAR_ROLE})
 
 # ---- members ------------------------------------------------------------------
 
@@ -245,8 +261,8 @@ MAX_POLICY_BYTES = 64 * 1024
 
 
 def check_policy(bindings: Iterable[BindingInput], *, version: int = 1,
-                 has_audit_configs: bool = False) -> tuple[Binding, ...]:
-    """Validate and normalize a policy's bindings.
+                 has_audit_configs: bool = False, root: bool = False) -> tuple[Binding, ...]:
+    """Validate and normalize a policy's bindings (``root``: the root policy's).
 
     Bindings with the same role are merged, duplicate members dropped and
     bindings without members removed; first-seen order is kept.
@@ -271,6 +287,10 @@ def check_policy(bindings: Iterable[BindingInput], *, version: int = 1,
             raise InvalidArgument(
                 f"role {binding.role!r} is not supported; Valv supports "
                 + ", ".join(sorted(ROLES)))
+        if binding.role in ROOT_ONLY_ROLES and not root and binding.members:
+            raise InvalidArgument(
+                f"role {binding.role!r} can only be granted in the root policy "
+                "(central's --root-policy-file), not on a KeyRing or CryptoKey")
         members = merged.setdefault(binding.role, {})
         for member in binding.members:
             members[check_member(member)] = None
@@ -330,7 +350,7 @@ def _root_bindings(data: Any) -> tuple[Binding, ...]:
             raise InvalidArgument(f"bindings[{i}].members must be a list of strings")
         bindings.append(BindingInput(role, members, has_condition=item.get("condition")
                                      is not None))
-    return check_policy(bindings, version=version)
+    return check_policy(bindings, version=version, root=True)
 
 
 # ---- resources and storage ----------------------------------------------------
@@ -604,6 +624,10 @@ class IamPolicies:
         for policy in await self._compiled(policy_chain(name)):
             granted = granted | policy.permissions_of(keys)
         return granted
+
+    def root_allows(self, member: str, permission: str) -> bool:
+        """Whether the root policy alone grants ``permission`` to ``member``."""
+        return self._root.grants_permission(member_keys(member), permission)
 
     async def allowed(self, member: str, name: AnyName, permission: str) -> bool:
         keys = member_keys(member)

@@ -37,6 +37,11 @@ NONCE_BYTES = 12
 TAG_BYTES = 16
 PURPOSES = frozenset({"ENCRYPT", "DECRYPT"})
 
+# The permission to receive material at all (Valv's own; valv.core.iam grants
+# it with roles/valv.sidecar in the root policy). Here so the sidecar can name
+# it without loading the IAM module.
+SIDECAR_PERMISSION = "valv.sidecar.connect"
+
 
 class MaterialError(Exception):
     """Sealed material that does not open: wrong recipient, wrong context or modified."""

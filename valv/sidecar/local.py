@@ -35,6 +35,7 @@ from valv._proto.google.cloud.kms import v1 as kms_v1
 from valv.core import envelope
 from valv.core.crypto.ciphertext import CiphertextCodec
 from valv.core.errors import InvalidArgument
+from valv.core.material import SIDECAR_PERMISSION
 from valv.netutil import CallTracker, limit_request_size, release_request_limit
 from valv.sidecar import wire
 from valv.sidecar.cache import PRIMARY, FetchedKek, KekCache, Lease
@@ -119,7 +120,9 @@ class LocalCrypto:
         except GRPCError as exc:
             # FetchVersion names the CryptoKey in a denial, while central's Encrypt names
             # the resource as requested, here a version: let central say it, in its words.
-            if exc.status is Status.PERMISSION_DENIED and call.version_id:
+            # Not if this sidecar isn't a sidecar identity at all: that is said as is.
+            if exc.status is Status.PERMISSION_DENIED and call.version_id \
+                    and SIDECAR_PERMISSION not in (exc.message or ""):
                 return None
             raise
         with lease:

@@ -197,7 +197,9 @@ class SidecarServer:
         if self.tracker.draining:
             return False, "shutting down"
         if self.watcher is None or not self.watcher.stats.connected:
-            return False, "the watch stream to central is not connected"
+            why = self.watcher.stats.last_error if self.watcher is not None else ""
+            return False, "the watch stream to central is not connected" + (
+                f" ({why})" if why else "")
         return True, "ready"
 
     def samples(self) -> list[tuple[str, str, str, float]]:

@@ -158,6 +158,7 @@ class WatchStats:
     events: int = 0
     resets: int = 0
     last_seq: int = 0
+    last_error: str = ""  # why the stream last failed or ended (for /readyz)
 
 
 class Watcher:
@@ -252,6 +253,7 @@ class Watcher:
                         "(revocations reach this sidecar only through it)",
                         extra={"fields": {"reason": reason}})
         self._failing = True
+        self.stats.last_error = reason
         self.stats.connected = False
         self.connected.clear()
 
