@@ -35,8 +35,9 @@ class Fetcher:
     """Counts fetches; returns version ``vid`` (or raises ``error``)."""
 
     def __init__(self, vid: int = 1, error: Exception | None = None,
-                 gate: asyncio.Event | None = None) -> None:
+                 gate: asyncio.Event | None = None, ttl_s: float | None = None) -> None:
         self.vid = vid
+        self.ttl_s = ttl_s
         self.error = error
         self.gate = gate
         self.calls = 0
@@ -50,7 +51,7 @@ class Fetcher:
             raise self.error
         secret = kek(self.vid)
         self.issued.append(secret)
-        return FetchedKek(self.vid, secret)
+        return FetchedKek(self.vid, secret, ttl_s=self.ttl_s)
 
 
 def make(**kw: object) -> tuple[KekCache, FakeTimer]:
@@ -99,6 +100,31 @@ async def test_ttl_expiry_with_fake_timer_and_stale_until_ttl() -> None:
         timer.now += 20
         cache.lookup(K, 1)
     assert cache.lookup(K, 1) is None
+
+
+async def test_a_shorter_ttl_from_the_source_wins_and_scales_refresh_ahead() -> None:
+    cache, timer = make(ttl_s=60, refresh_ahead_s=12)
+    short = Fetcher(vid=1, ttl_s=10)  # central allows 10 s: the entry keeps 10 s
+    (await cache.get_or_fetch(K, 1, short)).release()
+    timer.now += 7.9  # the refresh window is the last fifth of 10 s, not the last 12 s
+    (await cache.get_or_fetch(K, 1, short)).release()
+    await settle()
+    assert short.calls == 1
+    timer.now += 0.2
+    (await cache.get_or_fetch(K, 1, Fetcher(vid=1, error=ConnectionError("down")))).release()
+    await settle()
+    timer.now += 2  # 10.1 s after the fetch: gone, although the cache's own TTL is 60 s
+    assert cache.lookup(K, 1) is None
+    assert short.issued[0].zeroized and cache.stats.expirations == 1
+    # A longer TTL (or none, 0) from the source leaves the cache's own.
+    for ttl in (600.0, 0.0, None):
+        (await cache.get_or_fetch(K, 2, Fetcher(vid=2, ttl_s=ttl))).release()
+        timer.now += 59.9
+        lease = cache.lookup(K, 2)
+        assert lease is not None
+        lease.release()
+        timer.now += 0.2
+        assert cache.lookup(K, 2) is None
 
 
 async def settle() -> None:

@@ -1017,9 +1017,18 @@ def test_changes_missed_while_the_watch_was_down_are_replayed_on_reconnect(
 # ---- 7. TTL expiry -------------------------------------------------------------------------------
 
 
-def test_an_entry_is_fetched_again_after_its_ttl(tmp_path: Path, dev: Pair) -> None:
-    key = make_key(dev.admin, make_ring(dev.admin))
-    sidecar = dev.spawn_sidecar(tmp_path, "--cache-ttl", "2s")
+@pytest.mark.parametrize("whose", ["sidecar", "central"])
+def test_an_entry_is_fetched_again_after_its_ttl(tmp_path: Path, dev: Pair, whose: str) -> None:
+    """The sidecar's --cache-ttl, or central's shorter --sidecar-material-ttl."""
+    central: CentralProcess | None = None
+    if whose == "sidecar":
+        key = make_key(dev.admin, make_ring(dev.admin))
+        sidecar = dev.spawn_sidecar(tmp_path, "--cache-ttl", "2s")
+    else:
+        central = CentralProcess(tmp_path / "central", "--sidecar-material-ttl", "2s").start()
+        admin = As(central.client(), None)
+        key = make_key(admin, make_ring(admin))
+        sidecar = SidecarProcess(tmp_path, central.addr).start()  # its own TTL: 60 s
     try:
         local = As(sidecar.client(), None)
         started = time.monotonic()
@@ -1041,6 +1050,8 @@ def test_an_entry_is_fetched_again_after_its_ttl(tmp_path: Path, dev: Pair) -> N
         assert sidecar.metric("valv_sidecar_central_fetches_total") == 2
     finally:
         assert sidecar.stop() == 0
+        if central is not None:
+            central.stop()
 
 
 # ---- 8. max uses ---------------------------------------------------------------------------------

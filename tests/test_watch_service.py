@@ -291,6 +291,9 @@ def test_bad_heartbeat_flag(tmp_path: Path) -> None:
     for bad in ("0", "1.5", "2h", "soon"):
         result = run_valv("central", "--data-dir", str(tmp_path), "--watch-heartbeat", bad)
         assert result.returncode == 2 and "--watch-heartbeat" in result.stderr, bad
+    for bad in ("0", "1.5", "2h", "soon"):
+        result = run_valv("central", "--data-dir", str(tmp_path), "--sidecar-material-ttl", bad)
+        assert result.returncode == 2 and "--sidecar-material-ttl" in result.stderr, bad
 
 
 def test_sigterm_ends_watch_streams_promptly(tmp_path: Path, watchers: list[Watcher]) -> None:

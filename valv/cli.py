@@ -164,6 +164,10 @@ def _add_central(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     env_flag(p, "--watch-heartbeat", "VALV_WATCH_HEARTBEAT", default="5s",
              help="how often an idle sidecar Watch stream gets a HEARTBEAT, in whole seconds "
                   "(1s-1h), so a sidecar notices a dead stream")
+    env_flag(p, "--sidecar-material-ttl", "VALV_SIDECAR_MATERIAL_TTL", default="60s",
+             help="the longest a sidecar may serve key material it fetched, whole seconds "
+                  "(1s-1h): a sidecar keeps the shorter of this and its own --cache-ttl, so "
+                  "this caps how long a revocation takes where a sidecar's watch is cut")
     env_flag(p, "--root-policy-file", "VALV_ROOT_POLICY_FILE",
              help="JSON IAM policy granted on every resource, e.g. {\"bindings\": [{\"role\": "
                   "\"roles/cloudkms.admin\", \"members\": [\"user:alice\"]}]}; see "
@@ -291,6 +295,19 @@ def _watch_heartbeat(text: str) -> int:
     return int(seconds)
 
 
+def _sidecar_material_ttl(text: str) -> int:
+    try:
+        ttl = parse_duration(text)
+    except argparse.ArgumentTypeError as exc:
+        raise argparse.ArgumentTypeError(f"--sidecar-material-ttl: {exc}") from None
+    seconds = 0.0 if ttl is None else ttl.total_seconds()
+    if not 1 <= seconds <= 3600 or seconds != int(seconds):
+        raise argparse.ArgumentTypeError(
+            f"--sidecar-material-ttl {text!r} must be a whole number of seconds between 1s "
+            "and 1h")
+    return int(seconds)
+
+
 def _root_policy(path: str | None) -> Policy | None:
     """The root IAM policy file, checked now: a bad one is a startup error (InvalidArgument)."""
     from valv.core.iam import load_root_policy
@@ -334,6 +351,7 @@ def _run_central(args: argparse.Namespace) -> int:
             audit_data_access=DataAccessMode.parse(args.audit_data_access),
             audit_flush_interval_s=_audit_flush_interval(args.audit_flush_interval),
             watch_heartbeat_s=_watch_heartbeat(args.watch_heartbeat),
+            sidecar_material_ttl_s=_sidecar_material_ttl(args.sidecar_material_ttl),
             auth=auth,
         )
     except (argparse.ArgumentTypeError, ValueError, ValvError) as exc:

@@ -18,6 +18,7 @@ from valv.central.audit import CentralAuditor
 from valv.central.authn import AuthSettings, setup_authentication
 from valv.central.authz import IamAuthorizer
 from valv.central.calls import Calls, server_codecs
+from valv.central.material_service import DEFAULT_TTL_S as DEFAULT_MATERIAL_TTL_S
 from valv.central.material_service import KeyMaterialService
 from valv.central.service import (
     IamPolicyService,
@@ -100,6 +101,8 @@ class CentralConfig:
     changelog_poll_interval_s: float = DEFAULT_POLL_INTERVAL_S
     # Seconds between HEARTBEAT events on an idle sidecar Watch stream (--watch-heartbeat).
     watch_heartbeat_s: int = DEFAULT_HEARTBEAT_S
+    # The longest a sidecar may serve fetched material (--sidecar-material-ttl).
+    sidecar_material_ttl_s: int = DEFAULT_MATERIAL_TTL_S
     # Caller authentication and TLS; the default is dev mode (everyone is user:dev).
     auth: AuthSettings = field(default_factory=AuthSettings)
 
@@ -242,6 +245,7 @@ class CentralServer:
                                      OperationsService(self.calls),
                                      KeyMaterialService(
                                          self.keystore, self.calls,
+                                         ttl_s=config.sidecar_material_ttl_s,
                                          watches=Watches(self._store, self.hub, self.iam,
                                                          WatchSettings(config.watch_heartbeat_s)),
                                          auditor=self.auditor, clock=self.clock)]

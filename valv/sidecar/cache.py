@@ -11,17 +11,20 @@ Encrypt. The pointer lives exactly as long as the entry it points to.
 Limits, per entry:
 
 - a TTL (default 60 s) from an injectable monotonic ``timer``; the TTL runs
-  from when the material was fetched and is *not* extended by use. Expired
-  entries are never served; they are wiped by the next cache call or by
-  :meth:`KekCache.expire`;
+  from when the material was fetched and is *not* extended by use. A fetch
+  may bring a shorter TTL of its own (central's limit: the entry keeps the
+  shorter of the two). Expired entries are never served; they are wiped by
+  the next cache call or by :meth:`KekCache.expire`;
 - a max-uses bound (default 1,000,000 acquisitions, Encrypt and Decrypt
   alike). The use that reaches the bound is served; the entry then leaves the
   cache and the next call refetches;
 - a place under a total bound (``maxsize`` entries, default 10,000) with
-  least-recently-used eviction (cachetools ``TTLCache``).
+  least-recently-used eviction (cachetools ``TLRUCache``: LRU, with a
+  time-to-use per entry).
 
 Refresh ahead (``refresh_ahead_s``, off by default; the sidecar uses a fifth
-of the TTL): an entry used in its last ``refresh_ahead_s`` is fetched again
+of the TTL; scaled down with an entry's shorter TTL): an entry used in its
+last ``refresh_ahead_s`` is fetched again
 in the background while it keeps serving, and the fresh copy replaces it. A
 busy key then never expires under its callers (no latency spike, no burst of
 misses), and a central outage is felt only once the old copy's TTL has
@@ -69,7 +72,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Final
 
-from cachetools import TTLCache
+from cachetools import TLRUCache
 
 from valv.core.crypto.secrets import SecretBytes
 
@@ -105,22 +108,28 @@ class FetchedKek:
     # Whether the version was the key's primary when fetched (a change of
     # primary invalidates the key, so this stays true while the entry lives).
     is_primary: bool = False
+    # The longest the source allows this material to serve (central's TTL), in
+    # seconds; None or <= 0: no limit of its own, the cache's TTL applies.
+    ttl_s: float | None = None
 
     def __repr__(self) -> str:
-        return f"FetchedKek(version_id={self.version_id}, is_primary={self.is_primary})"
+        return (f"FetchedKek(version_id={self.version_id}, is_primary={self.is_primary}, "
+                f"ttl_s={self.ttl_s})")
 
 
 class _Entry:
-    __slots__ = ("fetched_at", "is_primary", "kek", "key_name", "refs", "retired", "uses",
-                 "version_id")
+    __slots__ = ("expires_at", "is_primary", "kek", "key_name", "refresh_at", "refs", "retired",
+                 "uses", "version_id")
 
     def __init__(self, key_name: str, version_id: int, kek: SecretBytes,
-                 is_primary: bool = False, fetched_at: float = 0.0) -> None:
+                 is_primary: bool = False, expires_at: float = 0.0,
+                 refresh_at: float = 0.0) -> None:
         self.key_name = key_name
         self.version_id = version_id
         self.kek = kek
         self.is_primary = is_primary
-        self.fetched_at = fetched_at
+        self.expires_at = expires_at  # on the cache's timer; never served from then on
+        self.refresh_at = refresh_at  # used from then on: fetched again in the background
         self.uses = 0
         self.refs = 0
         self.retired = False  # no longer in the cache
@@ -189,12 +198,16 @@ class Lease:
 _CacheKey = tuple[str, int]
 
 
-class _Entries(TTLCache[_CacheKey, _Entry, float]):
-    """A TTLCache that tells its owner about every entry it drops by itself."""
+def _expiry(_key: _CacheKey, entry: _Entry, _now: float) -> float:
+    return entry.expires_at
 
-    def __init__(self, owner: KekCache, maxsize: int, ttl: float,
-                 timer: Callable[[], float]) -> None:
-        super().__init__(maxsize, ttl, timer)
+
+class _Entries(TLRUCache[_CacheKey, _Entry, float]):
+    """A TLRUCache (each entry expires at its own ``expires_at``) that tells its
+    owner about every entry it drops by itself."""
+
+    def __init__(self, owner: KekCache, maxsize: int, timer: Callable[[], float]) -> None:
+        super().__init__(maxsize, _expiry, timer)
         self._owner = owner
 
     def expire(self, time: float | None = None) -> list[tuple[_CacheKey, _Entry]]:
@@ -247,7 +260,7 @@ class KekCache:
         self.max_entries = max_entries
         self.stats = CacheStats()
         self._lock = threading.RLock()
-        self._entries = _Entries(self, max_entries, ttl_s, timer)
+        self._entries = _Entries(self, max_entries, timer)
         # key name -> primary version id; only while (name, id) is cached.
         self._primary: dict[str, int] = {}
         # key name -> one shared copy of it and how many cached entries use it.
@@ -287,7 +300,7 @@ class KekCache:
         lease = self.lookup(key_name, version_id)
         if lease is not None:
             if self.refresh_ahead_s and (key_name, version_id) not in self._flights and \
-                    self._timer() >= lease._entry.fetched_at + self.ttl_s - self.refresh_ahead_s:
+                    self._timer() >= lease._entry.refresh_at:
                 # Used in its last refresh_ahead_s: fetch a fresh copy in the
                 # background, so a busy entry never runs out under its callers.
                 self.stats.refreshes += 1
@@ -428,8 +441,13 @@ class KekCache:
         if not flight.stale:
             self._remove((key_name, fetched.version_id))  # an older copy fetched meanwhile
             key_name = self._shared_name(key_name)
+        ttl = self.ttl_s
+        if fetched.ttl_s is not None and 0 < fetched.ttl_s < ttl:
+            ttl = fetched.ttl_s
+        now = self._timer()
         entry = _Entry(key_name, fetched.version_id, fetched.kek, fetched.is_primary,
-                       self._timer())
+                       expires_at=now + ttl,
+                       refresh_at=now + ttl - self.refresh_ahead_s * ttl / self.ttl_s)
         entry.refs = 1  # the flight's reference, until every waiter has its own
         flight.entry = entry
         flight.ref_held = True

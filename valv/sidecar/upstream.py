@@ -142,7 +142,8 @@ class CentralLink:
                 "version": response.version, "error": str(exc)}})
             raise GRPCError(Status.UNAVAILABLE, f"the key material central sent for "
                             f"{response.version} did not verify; retry") from None
-        return FetchedKek(version_id_got, kek, bool(response.is_primary))
+        return FetchedKek(version_id_got, kek, bool(response.is_primary),
+                          ttl_s=float(response.ttl_seconds) or None)
 
     async def report_usage(self, counts: Sequence[sidecar_v1.UsageCount]) -> None:
         request = sidecar_v1.ReportUsageRequest(counts=list(counts))
