@@ -34,6 +34,7 @@ import signal
 import struct
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -1108,6 +1109,61 @@ def test_concurrent_misses_share_one_fetch(tmp_path: Path, dev: Pair) -> None:
                 f"dek {i}".encode()
     finally:
         assert sidecar.stop() == 0
+
+
+def test_a_short_caller_deadline_does_not_fail_the_shared_fetch(tmp_path: Path,
+                                                                dev: Pair) -> None:
+    """The first caller to miss has 0.1 s; central is 0.3 s away. Its call ends with
+    DEADLINE_EXCEEDED, while the fetch it started goes on and serves a second caller
+    who joined it (before, the fetch inherited the first caller's deadline and failed
+    everyone with UNAVAILABLE)."""
+    from valv.bench import DelayProxy
+
+    key = make_key(dev.admin, make_ring(dev.admin))
+    host, port = dev.central.addr.rsplit(":", 1)
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    proxy = DelayProxy(host, int(port), one_way_delay_s=0.15)
+    bound = asyncio.run_coroutine_threadsafe(proxy.start(), loop).result(10)
+    sidecar = SidecarProcess(tmp_path, f"127.0.0.1:{bound}")
+    try:
+        sidecar.start()
+        before = sidecar.metrics()
+
+        async def both() -> list[Any]:
+            channel = grpc.aio.insecure_channel(sidecar.addr)
+            client = kms_v1.KeyManagementServiceAsyncClient(
+                transport=KeyManagementServiceGrpcAsyncIOTransport(channel=channel))
+            try:
+                await channel.channel_ready()
+                short = asyncio.ensure_future(client.encrypt(
+                    request={"name": key, "plaintext": b"dek"}, retry=None, timeout=0.1))
+                # The second caller joins once the first one's miss has started the fetch.
+                await asyncio.to_thread(
+                    wait_for, lambda: metric_delta(before, sidecar.metrics(),
+                                                   "valv_sidecar_central_fetches_total") == 1,
+                    deadline_s=10, what="the first caller's fetch", interval_s=0.01)
+                patient = client.encrypt(request={"name": key, "plaintext": b"dek"},
+                                         retry=None, timeout=10)
+                return list(await asyncio.gather(short, patient, return_exceptions=True))
+            finally:
+                await channel.close()
+
+        short, patient = asyncio.run(both())
+        assert isinstance(short, gexc.DeadlineExceeded), short
+        assert isinstance(patient, kms_v1.EncryptResponse), patient
+        moved = {name: metric_delta(before, sidecar.metrics(), name) for name in (
+            "valv_sidecar_central_fetches_total", "valv_sidecar_central_fetch_failures_total")}
+        assert moved == {"valv_sidecar_central_fetches_total": 1,
+                         "valv_sidecar_central_fetch_failures_total": 0}
+    finally:
+        if sidecar.proc is not None:
+            assert sidecar.stop() == 0
+        asyncio.run_coroutine_threadsafe(proxy.close(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
 
 
 # ---- 10. a change through another central --------------------------------------------------------

@@ -95,13 +95,15 @@ class LocalCrypto:
 
         return handle
 
-    async def _lease(self, cache: KekCache, stream: Any, key_name: str, version_id: int,
+    async def _lease(self, cache: KekCache, key_name: str, version_id: int,
                      purpose: str) -> Lease:
         def fetch() -> Awaitable[FetchedKek]:  # only on a miss
-            timeout = FETCH_TIMEOUT_S
-            if stream.deadline is not None:
-                timeout = max(0.001, min(timeout, stream.deadline.time_remaining()))
-            return self.link.fetch(key_name, version_id, purpose, timeout=timeout)
+            # The fetch is shared by every caller that misses meanwhile (and may be
+            # a refresh no caller waits for), so it gets its own timeout, not the
+            # deadline of whichever caller started it: a caller with 5 ms left must
+            # not fail everyone else's fetch. Each caller's own deadline still ends
+            # its own wait (grpclib cancels the handler: DEADLINE_EXCEEDED).
+            return self.link.fetch(key_name, version_id, purpose, timeout=FETCH_TIMEOUT_S)
 
         return await cache.get_or_fetch(key_name, version_id, fetch)
 
@@ -115,7 +117,7 @@ class LocalCrypto:
             return None
         key_name = str(call.key_name)
         try:
-            lease = await self._lease(self.encrypt_cache, stream, key_name,
+            lease = await self._lease(self.encrypt_cache, key_name,
                                       call.version_id or PRIMARY, "ENCRYPT")
         except GRPCError as exc:
             # FetchVersion names the CryptoKey in a denial, while central's Encrypt names
@@ -145,7 +147,7 @@ class LocalCrypto:
         except Exception:
             return None
         key_name = str(call.key_name)
-        lease = await self._lease(self.decrypt_cache, stream, key_name, call.version_id,
+        lease = await self._lease(self.decrypt_cache, key_name, call.version_id,
                                   "DECRYPT")
         version_name = f"{key_name}/cryptoKeyVersions/{call.version_id}"
         with lease:
