@@ -455,6 +455,24 @@ def test_cache_evict_version_and_clear(codec):
     assert len(codec.cache) == 0
 
 
+def test_evict_version_after_the_cache_dropped_keys_by_itself():
+    """The per-version index outlives entries the LRU bound dropped, and is rebuilt
+    once it holds more than 4 x maxsize keys; eviction stays exact throughout."""
+    cache = SubkeyCache(maxsize=4)
+    codecs = [CiphertextWriter(cache=cache) for _ in range(30)]  # 30 salts
+    for writer in codecs:
+        for version in (1, 2):
+            writer.encrypt(KEK, key_name=KEY, version_id=version, plaintext=b"", aad=b"")
+    assert len(cache) == 4 and cache._indexed <= 4 * 4 + 1
+    live_v2 = sum(1 for ck in cache._cache if ck[2] == 2)
+    assert cache.evict_version(KEY, 2) == live_v2
+    assert all(ck[2] == 1 for ck in cache._cache)
+    assert cache.evict_version(KEY, 2) == 0
+    live_v1 = len(cache)
+    assert cache.evict_version(KEY, 1) == live_v1
+    assert len(cache) == 0 and cache._indexed == 0
+
+
 def test_writer_with_own_cache():
     w = CiphertextWriter(cache=SubkeyCache(maxsize=2))
     ct = w.encrypt(KEK, key_name=KEY, version_id=1, plaintext=b"w", aad=b"")

@@ -127,6 +127,25 @@ async def test_a_shorter_ttl_from_the_source_wins_and_scales_refresh_ahead() -> 
         assert cache.lookup(K, 2) is None
 
 
+async def test_every_wipe_is_reported_for_derived_keys_to_follow() -> None:
+    """on_wipe(name, version) runs when a KEK is wiped: at once if unused, else at
+    its last release; never while a lease holds it."""
+    wiped: list[tuple[str, int]] = []
+    timer = FakeTimer()
+    cache = KekCache(ttl_s=60, max_entries=2, timer=timer,
+                     on_wipe=lambda name, vid: wiped.append((name, vid)))
+    (await cache.get_or_fetch(K, 1, Fetcher(vid=1))).release()
+    held = await cache.get_or_fetch(K, 2, Fetcher(vid=2))
+    cache.invalidate_key(K)
+    assert wiped == [(K, 1)]  # version 2 is still in use
+    held.release()
+    assert wiped == [(K, 1), (K, 2)]
+    (await cache.get_or_fetch(K2, 3, Fetcher(vid=3))).release()
+    timer.now += 61
+    cache.expire()
+    assert wiped[-1] == (K2, 3)
+
+
 async def settle() -> None:
     """Let background flights run to completion (they need a few loop turns)."""
     for _ in range(10):

@@ -248,7 +248,10 @@ class KekCache:
                  max_uses: int = DEFAULT_MAX_USES,
                  max_entries: int = DEFAULT_MAX_ENTRIES,
                  refresh_ahead_s: float = 0.0,
-                 timer: Callable[[], float] = time.monotonic) -> None:
+                 timer: Callable[[], float] = time.monotonic,
+                 on_wipe: Callable[[str, int], object] | None = None) -> None:
+        """``on_wipe(key_name, version_id)`` is called each time a KEK is wiped, so
+        what was derived from it (the sidecar's subkeys) can go with it."""
         if ttl_s <= 0 or max_uses < 1 or max_entries < 1:
             raise ValueError("ttl_s must be > 0, max_uses and max_entries >= 1")
         if not 0 <= refresh_ahead_s < ttl_s:
@@ -259,6 +262,7 @@ class KekCache:
         self.max_uses = max_uses
         self.max_entries = max_entries
         self.stats = CacheStats()
+        self._on_wipe = on_wipe
         self._lock = threading.RLock()
         self._entries = _Entries(self, max_entries, timer)
         # key name -> primary version id; only while (name, id) is cached.
@@ -408,7 +412,7 @@ class KekCache:
         with self._lock:
             entry.refs -= 1
             if entry.refs == 0 and entry.retired:
-                entry.kek.zeroize()
+                self._wipe(entry)
 
     def _retire(self, entry: _Entry) -> None:
         """The entry has left the cache: wipe it now or at its last release."""
@@ -422,7 +426,12 @@ class KekCache:
         if self._primary.get(entry.key_name) == entry.version_id:
             del self._primary[entry.key_name]
         if entry.refs == 0:
-            entry.kek.zeroize()
+            self._wipe(entry)
+
+    def _wipe(self, entry: _Entry) -> None:
+        entry.kek.zeroize()
+        if self._on_wipe is not None:
+            self._on_wipe(entry.key_name, entry.version_id)
 
     def _remove(self, cache_key: _CacheKey) -> bool:
         """Take a live entry out of the cache; False if it was not there."""

@@ -104,12 +104,20 @@ class SidecarServer:
         self.channel: Channel | None = None
         self._servers: list[Server] = []
         self.tcp_address: tuple[str, int] | None = None
+        # Subkeys derived from a KEK are dropped when it is wiped (on_wipe
+        # below), and live no longer than the KEK's TTL in any case. A few hot
+        # ones only: each is an AESGCM object of ~1.4 KB (OpenSSL context), and a
+        # miss costs one HKDF and one AESGCM set-up, microseconds against a
+        # ~0.8 ms call. With 4096 of them 10k cached versions took the RSS to 84 MB.
+        self.codec = CiphertextCodec(cache_ttl_seconds=config.cache_ttl_s,
+                                     cache_maxsize=SUBKEY_CACHE_ENTRIES)
         # A busy version is fetched again in the last fifth of its TTL, so it
         # doesn't run out under its callers (valv.sidecar.cache, "Refresh ahead").
         self.encrypt_cache, self.decrypt_cache = (
             KekCache(ttl_s=config.cache_ttl_s, max_uses=config.cache_max_uses,
                      max_entries=config.cache_max_entries,
-                     refresh_ahead_s=config.cache_ttl_s / 5)
+                     refresh_ahead_s=config.cache_ttl_s / 5,
+                     on_wipe=self.codec.cache.evict_version)
             for _ in range(2))
         self.link: CentralLink | None = None
         self.forwarder: Forwarder | None = None
@@ -138,14 +146,7 @@ class SidecarServer:
         self.watcher = Watcher(link, caches, max_backoff_s=config.watch_max_backoff_s)
         local = LocalCrypto(link=link, forwarder=forwarder, tracker=self.tracker,
                             encrypt_cache=self.encrypt_cache, decrypt_cache=self.decrypt_cache,
-                            usage=self.usage,
-                            # Subkeys derived from a KEK live no longer than the KEK may.
-                            # A few hot ones only: each is an AESGCM object of ~1.4 KB
-                            # (OpenSSL context), and a miss costs one HKDF and one
-                            # AESGCM set-up, microseconds against a ~0.8 ms call. With
-                            # 4096 of them 10k cached versions took the RSS to 84 MB.
-                            codec=CiphertextCodec(cache_ttl_seconds=config.cache_ttl_s,
-                                                  cache_maxsize=SUBKEY_CACHE_ENTRIES))
+                            usage=self.usage, codec=self.codec)
         self.link, self.forwarder, self.local = link, forwarder, local
         stop = self._stop_background
         self._background = [asyncio.create_task(self.watcher.run(stop)),

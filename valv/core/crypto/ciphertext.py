@@ -110,11 +110,16 @@ def _lp(data: bytes) -> bytes:
     return _U32.pack(len(data)) + data
 
 
-def _kek_bytes(kek: KekLike) -> bytes:
-    if not isinstance(kek, SecretBytes | bytes | bytearray | memoryview):
+def _kek_bytes(kek: KekLike) -> memoryview:
+    """A read-only view of the KEK, for this call only: no copy of it is made
+    (a ``bytes`` copy could not be wiped, and every call would leave one)."""
+    if isinstance(kek, SecretBytes):
+        material = kek.view()  # raises ValueError for a zeroized SecretBytes
+    elif isinstance(kek, bytes | bytearray | memoryview):
+        material = memoryview(kek).toreadonly()
+    else:
         raise TypeError(f"kek must be SecretBytes or bytes, not {type(kek).__name__}")
-    material = bytes(kek)  # raises ValueError for a zeroized SecretBytes
-    if len(material) != KEK_SIZE:
+    if material.nbytes != KEK_SIZE or material.format != "B":
         raise ValueError(f"a KEK must be {KEK_SIZE} bytes, got {len(material)}")
     if hmac.compare_digest(material, bytes(KEK_SIZE)):
         raise ValueError("refusing an all-zero KEK (was it zeroized while in use?)")
@@ -150,7 +155,7 @@ def _subkey_info(key_name: bytes, version_id: int) -> bytes:
     return AEAD_INFO_LABEL + _lp(key_name) + _U32.pack(version_id)
 
 
-def _derive(kek: bytes, key_name: bytes, version_id: int, salt: bytes) -> bytes:
+def _derive(kek: memoryview, key_name: bytes, version_id: int, salt: bytes) -> bytes:
     return HKDF(
         algorithm=hashes.SHA256(),
         length=SUBKEY_LEN,
@@ -219,13 +224,20 @@ class SubkeyCache:
         if ttl_seconds <= 0:
             raise ValueError("ttl_seconds must be positive")
         self._cache: TTLCache[_CacheKey, AESGCM] = TTLCache(maxsize, ttl_seconds, timer)
+        # (CryptoKey name, version id) -> the cache keys put for it, so that
+        # evict_version costs what it evicts, not a scan of the cache (a sidecar
+        # calls it each time a KEK is wiped). Keys the cache has since dropped by
+        # itself linger here until the version is evicted or the index is
+        # rebuilt, which happens once it holds more than 4 x maxsize keys.
+        self._by_version: dict[tuple[bytes, int], set[_CacheKey]] = {}
+        self._indexed = 0
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
         _FORK_RESET.add(self)
 
     @staticmethod
-    def _key(kek: bytes, key_name: bytes, version_id: int, salt: bytes) -> _CacheKey:
+    def _key(kek: memoryview, key_name: bytes, version_id: int, salt: bytes) -> _CacheKey:
         return (hashlib.sha256(kek).digest(), key_name, version_id, salt)
 
     def _get(self, ck: _CacheKey) -> AESGCM | None:
@@ -240,20 +252,35 @@ class SubkeyCache:
     def _put(self, ck: _CacheKey, aead: AESGCM) -> None:
         with self._lock:
             self._cache[ck] = aead
+            keys = self._by_version.setdefault((ck[1], ck[2]), set())
+            if ck not in keys:
+                keys.add(ck)
+                self._indexed += 1
+                if self._indexed > 4 * self._cache.maxsize:
+                    self._reindex()
+
+    def _reindex(self) -> None:
+        self._by_version = {}
+        self._indexed = 0
+        for ck in list(self._cache.keys()):
+            self._by_version.setdefault((ck[1], ck[2]), set()).add(ck)
+            self._indexed += 1
 
     def evict_version(self, key_name: str, version_id: int) -> int:
         """Drop every cached subkey of one CryptoKeyVersion; returns how many."""
-        name = key_name.encode("utf-8")
         with self._lock:
-            doomed = [k for k in list(self._cache.keys()) if k[1] == name and k[2] == version_id]
-            for k in doomed:
-                self._cache.pop(k, None)
-        return len(doomed)
+            keys = self._by_version.pop((key_name.encode("utf-8"), version_id), None)
+            if not keys:
+                return 0
+            self._indexed -= len(keys)
+            return sum(self._cache.pop(ck, None) is not None for ck in keys)
 
     def clear(self) -> None:
         """Drop every cached subkey."""
         with self._lock:
             self._cache.clear()
+            self._by_version.clear()
+            self._indexed = 0
 
     def __len__(self) -> int:
         with self._lock:
