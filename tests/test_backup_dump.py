@@ -290,6 +290,9 @@ async def test_restore_resumes_after_a_crash_and_refuses_a_non_empty_target(
             await restore(target, plan, batch_frames=10, progress=crash_after_two)
         partial = await everything(target)
         assert restore_mod.RESTORE_MARKER_KEY in partial
+        # Nothing opens a half-restored store to use it (central, backup, fsck, rmk).
+        with pytest.raises(RestoreError, match=r"unfinished.*run the same `valv restore` again"):
+            await restore_mod.refuse_if_unfinished(target)
         state = await restore(target, plan, batch_frames=10)
         assert state.resumed_from == (0, 20)
         assert await everything(target) == await everything(source.inner)

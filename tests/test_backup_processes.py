@@ -3,6 +3,7 @@ central processes driven by Google's client."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -130,6 +131,21 @@ def change_log(db: Path, key_file: Path) -> tuple[int, dict[int, tuple[str, str]
         ring.zeroize()
 
 
+def log_epoch(db: Path, key_file: Path) -> bytes:
+    """The change log's epoch, read from the file (b"": none)."""
+    ring = RootKeyring([load_root_key_file(key_file)])
+    try:
+        with sqlite3.connect(db) as conn:
+            row = conn.execute("SELECT v FROM kv WHERE k = ?",
+                               (records.CHANGE_EPOCH_KEY,)).fetchone()
+        if row is None:
+            return b""
+        return records.decode_change_epoch(
+            Sealer(ring).open(records.CHANGE_EPOCH_KEY, bytes(row[0])))
+    finally:
+        ring.zeroize()
+
+
 def listed_keys(kms: kms_v1.KeyManagementServiceClient, ring: str) -> set[str]:
     return {k.name for k in kms.list_crypto_keys(parent=ring)}
 
@@ -197,6 +213,12 @@ def test_backup_during_writes_then_restore_elsewhere_serves_everything(tmp_path:
     created_later = {resource for seq, (kind, resource) in source_log.items()
                      if seq > head and kind == "crypto_key"} - created_by_then
 
+    # The restored change log is a new epoch: sidecars that watched the source can't
+    # resume on it by seq. The restore cleared the epoch; the first central makes one.
+    source_epoch = log_epoch(source_dir / "valv.db", source_dir / DEV_KEY)
+    assert len(source_epoch) == 16
+    assert log_epoch(target / "valv.db", target / DEV_KEY) == b""
+
     served = CentralProcess(target).start()
     try:
         kms = served.client()
@@ -206,6 +228,8 @@ def test_backup_during_writes_then_restore_elsewhere_serves_everything(tmp_path:
         check_world(kms, world)
     finally:
         served.stop()
+    restored_epoch = log_epoch(target / "valv.db", target / DEV_KEY)
+    assert len(restored_epoch) == 16 and restored_epoch != source_epoch
 
 
 def follow_lines(proc: subprocess.Popen[str], lines: list[dict[str, Any]]) -> threading.Thread:
@@ -376,3 +400,44 @@ def test_stdout_to_stdin_and_what_restore_refuses(tmp_path: Path,
                        "--master-key-file", str(other))
     assert refused.returncode == 2 and "needs root key(s)" in refused.stderr, refused.stderr
     assert not (keyless / "valv.db").exists()
+
+
+def test_nothing_starts_on_a_half_finished_restore(tmp_path: Path,
+                                                  good_backup: tuple[Path, Path]) -> None:
+    """A restore that stopped midway leaves its marker: central, fsck and backup refuse
+    the store, naming the way out (run the restore again), until it is finished."""
+    from valv.core.backup import restore as restore_mod
+    from valv.core.storage.sqlite import SqliteStore
+
+    backup, source_dir = good_backup
+    target = tmp_path / "target"
+    target.mkdir(mode=0o700)
+    shutil.copy2(source_dir / DEV_KEY, target / DEV_KEY)
+
+    class Crash(Exception):
+        pass
+
+    def crash_after_one(state: restore_mod.RestoreProgress) -> None:
+        if state.batches == 1:
+            raise Crash
+
+    async def half_restore() -> None:
+        store = SqliteStore(target / "valv.db")
+        try:
+            plan = restore_mod.RestorePlan([restore_mod.Source(
+                str(backup), restore_mod.check_file(str(backup)))])
+            with pytest.raises(Crash):
+                await restore_mod.restore(store, plan, batch_frames=5, progress=crash_after_one)
+        finally:
+            await store.close()
+
+    asyncio.run(half_restore())
+    for command in (["central"], ["fsck"], ["backup", "--out", str(tmp_path / "b.vbk")]):
+        refused = run_valv(*command, "--data-dir", str(target), timeout=60)
+        assert refused.returncode != 0, (command, refused.stderr)
+        assert "restore" in refused.stderr and "unfinished" in refused.stderr, refused.stderr
+        assert "Traceback" not in refused.stderr, refused.stderr
+    finished = run_valv("restore", "--in", str(backup), "--data-dir", str(target))
+    assert finished.returncode == 0, finished.stderr
+    fsck = run_valv("fsck", "--data-dir", str(target))
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr

@@ -46,7 +46,7 @@ class Watcher:
     """A Watch stream read by a thread of its own; events land in ``events``."""
 
     def __init__(self, central: CentralProcess, after_seq: int = 0,
-                 token: str | None = None) -> None:
+                 token: str | None = None, epoch: bytes = b"") -> None:
         self.events: list[pb.WatchEvent] = []
         self.arrivals: list[float] = []  # time.monotonic() of each event
         self.error: GRPCError | None = None
@@ -60,7 +60,8 @@ class Watcher:
             channel = Channel(host, port)
             try:
                 stub = pb.KeyMaterialStub(channel)
-                async for event in stub.watch(pb.WatchRequest(after_seq=after_seq),
+                async for event in stub.watch(pb.WatchRequest(after_seq=after_seq,
+                                                              epoch=epoch),
                                               metadata=metadata):
                     self.arrivals.append(time.monotonic())
                     self.events.append(event)
@@ -219,7 +220,7 @@ def test_resume_replays_exactly_what_was_missed(fresh_central: CentralProcess,
     disable(kms, f"{key}/cryptoKeyVersions/1")
     kms.create_key_ring(request={"parent": location, "key_ring_id": "r2", "key_ring": {}},
                         **CALL)
-    second = Watcher(fresh_central, after_seq=last)
+    second = Watcher(fresh_central, after_seq=last, epoch=first.hello().epoch)
     watchers.append(second)
     assert second.hello().seq == last
     second.wait(lambda events: len(events) >= 3, "the missed events")
@@ -244,7 +245,10 @@ def test_a_trimmed_or_future_position_resets(fresh_central: CentralProcess,
     for ring_id in ("a", "b", "c"):
         kms.create_key_ring(request={"parent": "projects/p/locations/global",
                                      "key_ring_id": ring_id, "key_ring": {}}, **CALL)
-    future = Watcher(fresh_central, after_seq=100)
+    probe = Watcher(fresh_central)
+    watchers.append(probe)
+    epoch = probe.hello().epoch
+    future = Watcher(fresh_central, after_seq=100, epoch=epoch)
     watchers.append(future)
     future.wait(lambda events: len(events) >= 2, "HELLO and RESET")
     assert [(e.type, e.seq) for e in future.events] == [(HELLO, 100), (RESET, 3)]
@@ -262,10 +266,40 @@ def test_a_trimmed_or_future_position_resets(fresh_central: CentralProcess,
 
     assert asyncio.run(trim()) == 3
     fresh_central.start()
-    old = Watcher(fresh_central, after_seq=1)
+    old = Watcher(fresh_central, after_seq=1, epoch=epoch)
     watchers.append(old)
     old.wait(lambda events: len(events) >= 2, "HELLO and RESET")
     assert [(e.type, e.seq) for e in old.events] == [(HELLO, 1), (RESET, 3)]
+    assert old.events[0].epoch == epoch  # a restart keeps the epoch
+
+
+def test_a_position_from_another_epoch_resets(fresh_central: CentralProcess,
+                                              watchers: list[Watcher]) -> None:
+    """Seqs are comparable only within one epoch of the change log (a restored store
+    has a new one): resuming with another epoch's position starts with RESET."""
+    kms = fresh_central.client()
+    location = "projects/p/locations/global"
+    kms.create_key_ring(request={"parent": location, "key_ring_id": "a", "key_ring": {}},
+                        **CALL)
+    probe = Watcher(fresh_central)
+    watchers.append(probe)
+    hello = probe.hello()
+    assert len(hello.epoch) == 16
+    for stale_epoch in (b"", bytes(16)):
+        stale = Watcher(fresh_central, after_seq=hello.seq, epoch=stale_epoch)
+        watchers.append(stale)
+        stale.wait(lambda events: len(events) >= 2, "HELLO and RESET")
+        assert [(e.type, e.seq) for e in stale.events[:2]] == [(HELLO, hello.seq),
+                                                               (RESET, hello.seq)]
+        assert stale.events[0].epoch == hello.epoch
+    # The same position with its own epoch resumes without a RESET.
+    same = Watcher(fresh_central, after_seq=hello.seq, epoch=hello.epoch)
+    watchers.append(same)
+    same.hello()
+    kms.create_key_ring(request={"parent": location, "key_ring_id": "b", "key_ring": {}},
+                        **CALL)
+    same.wait(lambda _: same.changes(), "the new ring")
+    assert [e.type for e in same.events if e.type != HEARTBEAT] == [HELLO, CHANGE]
 
 
 def test_heartbeats(tmp_path: Path, watchers: list[Watcher]) -> None:

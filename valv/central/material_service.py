@@ -70,8 +70,8 @@ class KeyMaterialService(sidecar_v1.KeyMaterialBase):
                     ) -> AsyncGenerator[sidecar_v1.WatchEvent, None]:
         if self._watches is None:
             raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
-        async with aclosing(self._watches.events(current_call.get(), message.after_seq)) \
-                as events:
+        async with aclosing(self._watches.events(current_call.get(), message.after_seq,
+                                                 bytes(message.epoch))) as events:
             async for event in events:
                 yield event
 

@@ -27,7 +27,9 @@ from valv.central.service import (
     OperationsService,
 )
 from valv.central.watch import DEFAULT_HEARTBEAT_S, Watches, WatchSettings
+from valv.core import changelog
 from valv.core.audit import DEFAULT_FLUSH_INTERVAL_S, AuditLog, DataAccessMode
+from valv.core.backup.restore import refuse_if_unfinished
 from valv.core.changehub import ChangeHub
 from valv.core.changelog import DEFAULT_POLL_INTERVAL_S, ChangeFollower
 from valv.core.clock import Clock, FileClock, SystemClock, to_micros
@@ -163,6 +165,11 @@ async def open_journaled_store(config: CentralConfig, root_keys: RootKeyring,
     """How every Valv process that writes opens the store: sealed with ``root_keys``,
     and every write journaled for consistent backups (valv.core.storage.journal)."""
     raw = await open_store(config.effective_store_url)
+    try:
+        await refuse_if_unfinished(raw)
+    except BaseException:
+        await raw.close()
+        raise
     return journaled_store(raw, Sealer(root_keys), lambda: to_micros(clock.now()))
 
 
@@ -212,6 +219,11 @@ class CentralServer:
                                       data_access=config.audit_data_access,
                                       flush_interval_s=config.audit_flush_interval_s)
         self.keystore.change_hook = self.auditor.change_hook
+        # Seqs of the change log are only comparable within one epoch (a new
+        # store, or a restored one, gets a new epoch here). After the audit log's
+        # startup check, which must see a new store as empty.
+        await self.auditor.wait_open()
+        await changelog.ensure_epoch(self._store)
         self.calls.auditor = self.auditor
         # IAM policies inherit root -> key ring -> crypto key; the Authorizer
         # checks every call against them (not in dev mode). Policies are cached

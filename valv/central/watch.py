@@ -107,8 +107,9 @@ class Watches:
         self._policies = policies
         self.settings = settings or WatchSettings()
 
-    def events(self, call: CallContext | None, after_seq: int) -> AsyncGenerator[Event, None]:
-        return _Stream(self, call, after_seq).run()
+    def events(self, call: CallContext | None, after_seq: int,
+               epoch: bytes = b"") -> AsyncGenerator[Event, None]:
+        return _Stream(self, call, after_seq, epoch).run()
 
     async def visible(self, call: CallContext | None, change: changelog.Change) -> bool:
         """Whether ``call``'s principal gets ``change`` (see the module doc)."""
@@ -130,10 +131,12 @@ class Watches:
 
 
 class _Stream:
-    def __init__(self, watches: Watches, call: CallContext | None, after_seq: int) -> None:
+    def __init__(self, watches: Watches, call: CallContext | None, after_seq: int,
+                 epoch: bytes = b"") -> None:
         self._w = watches
         self._call = call
         self._after = after_seq
+        self._epoch = epoch
         # The position: every entry up to it was sent or filtered out.
         self.last = 0
         self._loop = asyncio.get_running_loop()
@@ -150,11 +153,14 @@ class _Stream:
         except HubClosed:
             raise GRPCError(Status.UNAVAILABLE, SHUTTING_DOWN) from None
         with subscription:
-            head = await changelog.head(w._store)
+            head, epoch = await changelog.head_and_epoch(w._store)
             self.last = self._after or head
             yield self._sent(Event(type=EventType.HELLO, seq=self.last,
-                                   heartbeat_seconds=w.settings.heartbeat_s))
-            if self._after > head:
+                                   heartbeat_seconds=w.settings.heartbeat_s, epoch=epoch))
+            if self._after and self._epoch != epoch:
+                yield await self._reset("after_seq is from another epoch of the change log "
+                                        "(the store was restored)")
+            elif self._after > head:
                 yield await self._reset("after_seq is past the log's head")
             else:
                 async for event in self._catch_up():

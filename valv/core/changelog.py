@@ -7,6 +7,9 @@ one never does:
 
     ("log", seq:int)   ChangeRecord {seq, time_us, kind, resource}
     ("log-head",)      ChangeLogHead {last_seq, first_seq}
+    ("log-epoch",)     ChangeLogEpoch {epoch}: which incarnation of the log
+                       this is; a restore clears it and the next central to
+                       start makes a new one (``ensure_epoch``)
 
 Seqs are gap-free. On SQLite each append reads the head, writes
 ``last_seq + 1`` and moves the head, in the change's transaction (writers are
@@ -51,6 +54,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -171,6 +175,31 @@ def read_since_body(tr: Transaction, seq: int, limit: int) -> ChangeBatch:
 async def read_since(store: Store, seq: int, limit: int = READ_LIMIT) -> ChangeBatch:
     """Entries after ``seq``, at most ``limit``, in one read-only transaction."""
     return await store.run(lambda tr: read_since_body(tr, seq, limit), read_only=True)
+
+
+async def ensure_epoch(store: Store) -> bytes:
+    """The store's change-log epoch, made now (16 random bytes) if it has none:
+    a new store, or one just restored (a restore clears it). Seqs are only
+    comparable within an epoch, so a Watch resumed across a restore resets.
+    Any number of centrals may race here: the transaction makes one epoch."""
+    def body(tr: Transaction) -> bytes:
+        current = records.decode_change_epoch(tr.get(records.CHANGE_EPOCH_KEY))
+        if current:
+            return current
+        fresh = os.urandom(16)
+        tr.set(records.CHANGE_EPOCH_KEY, records.encode_change_epoch(fresh))
+        return fresh
+
+    return await store.run(body)
+
+
+async def head_and_epoch(store: Store) -> tuple[int, bytes]:
+    """The last seq handed out, and the epoch it belongs to, read together."""
+    def body(tr: Transaction) -> tuple[int, bytes]:
+        return (records.decode_change_head(tr.get(records.CHANGE_HEAD_KEY))[0],
+                records.decode_change_epoch(tr.get(records.CHANGE_EPOCH_KEY)))
+
+    return await store.run(body, read_only=True)
 
 
 async def head(store: Store) -> int:

@@ -137,6 +137,7 @@ def all_changes_range() -> tuple[bytes, bytes]:
 
 
 CHANGE_HEAD_KEY = pack("log-head")
+CHANGE_EPOCH_KEY = pack("log-epoch")
 
 
 def seq_of_change_key(key: bytes) -> int:
@@ -292,6 +293,17 @@ def decode_change_head(value: bytes | None) -> tuple[int, int]:
         return 0, 1
     head = _parse(pb.ChangeLogHead, CHANGE_HEAD_KEY, value)
     return int(head.last_seq), int(head.first_seq)
+
+
+def encode_change_epoch(epoch: bytes) -> bytes:
+    return bytes(pb.ChangeLogEpoch(schema_version=SCHEMA_VERSION, epoch=epoch))
+
+
+def decode_change_epoch(value: bytes | None) -> bytes:
+    """The change log's epoch; b"" when the store has none (yet)."""
+    if value is None:
+        return b""
+    return bytes(_parse(pb.ChangeLogEpoch, CHANGE_EPOCH_KEY, value).epoch)
 
 
 def _duration_micros(delta: timedelta) -> int:

@@ -166,9 +166,12 @@ class Watcher:
     """Follows central's Watch stream and invalidates ``caches`` as changes arrive.
 
     Ordering: the stream's seqs say where to resume. After a (re)connect with
-    nothing to resume from (first start), or when central sends RESET,
-    everything cached is dropped, because changes may have been missed. A
-    resumed stream replays exactly what was missed, so the caches stay.
+    nothing to resume from (first start), when central sends RESET, or when
+    the log's epoch changed (the store was restored), everything cached is
+    dropped, because changes may have been missed. Otherwise a reconnect is a
+    revalidation by replay: central sends every change after the last seq
+    this sidecar saw, so each cached entry is checked against all it missed,
+    and only what changed is dropped.
     Changes through any central reach here because every central follows the
     shared change log.
 
@@ -185,6 +188,7 @@ class Watcher:
         self.max_backoff_s = max_backoff_s
         self.stats = WatchStats()
         self._seq = 0  # 0: nothing to resume from
+        self._epoch = b""  # the change log's epoch _seq belongs to (from HELLO)
         self._on_change = on_change
         self._failing = False
         self.connected = asyncio.Event()
@@ -259,7 +263,7 @@ class Watcher:
         self.connected.clear()
 
     async def _follow(self, stop: asyncio.Event) -> None:
-        request = sidecar_v1.WatchRequest(after_seq=self._seq)
+        request = sidecar_v1.WatchRequest(after_seq=self._seq, epoch=self._epoch)
         async with self.link.channel.request(
                 _SERVICE + "Watch", Cardinality.UNARY_STREAM, bytes, bytes,
                 metadata=self.link.credentials.metadata()) as stream:
@@ -291,11 +295,14 @@ class Watcher:
     def _handle(self, event: sidecar_v1.WatchEvent, silence_limit: float) -> float:
         types = sidecar_v1.WatchEventType
         if event.type == types.HELLO:
-            resumed = self._seq != 0
+            resumed = self._seq != 0 and event.epoch == self._epoch
             if not resumed:
                 # Material fetched before the stream was up may have changed
-                # since: start clean.
+                # since (or the seqs it came with belong to a store since
+                # restored: a new epoch): start clean. Central also sends RESET
+                # for another epoch; this does not depend on it.
                 self._drop_all()
+            self._epoch = bytes(event.epoch)
             self._seq = event.seq
             self.stats.connects += 1
             self.stats.connected = True

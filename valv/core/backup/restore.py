@@ -20,6 +20,11 @@ Guarantees:
   after a crash and it goes on from there; the last batch removes the marker.
   Replaying frames from any earlier point gives the same end state (the last
   write to each key wins), so the marker only saves work.
+- **A new change-log epoch.** The last batch clears ("log-epoch",), so the
+  next central to start makes a new one and sidecars that watched the store
+  before drop what they hold (valv.core.changelog.ensure_epoch).
+- **Nothing opens a half-restored store**: ``refuse_if_unfinished`` is checked
+  by every process that opens one to use it (central, backup, fsck, rmk).
 - **Refuses a non-empty target** unless ``force``, which first clears the
   whole keyspace (in the same transaction as the marker, so a crash after it
   resumes rather than finding a "non-empty" half-cleared store).
@@ -39,6 +44,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from valv.core import records
 from valv.core.backup.dump import KEYSPACE, RESTORE_MARKER_KEY
 from valv.core.backup.format import (
     KIND_FULL,
@@ -229,6 +235,22 @@ def _read_marker(value: bytes | None) -> dict[str, Any] | None:
     return marker
 
 
+async def refuse_if_unfinished(store: Store) -> None:
+    """Raise RestoreError if a restore into ``store`` (the raw store) is unfinished.
+
+    Every process that opens a store to use it checks this first: a half-restored
+    store holds part of a backup (and the marker, which is not a sealed record),
+    and anything written to it now would be overwritten when the restore resumes.
+    """
+    marker = _read_marker(await store.run(lambda tr: tr.get(RESTORE_MARKER_KEY),
+                                          read_only=True))
+    if marker is not None:
+        raise RestoreError(
+            f"a restore into {store.url} is unfinished (backup {marker.get('restore_id', '?')}"
+            f", at file {marker.get('file', '?')} frame {marker.get('frame', '?')}); finish it "
+            "first: run the same `valv restore` again and it resumes")
+
+
 async def restore(target: Store, plan: RestorePlan, *, force: bool = False,
                   batch_frames: int = DEFAULT_BATCH_FRAMES,
                   batch_bytes: int = DEFAULT_BATCH_BYTES,
@@ -277,6 +299,10 @@ async def restore(target: Store, plan: RestorePlan, *, force: bool = False,
                     tr.clear_range(op.begin, op.end)
             if last:
                 tr.clear(RESTORE_MARKER_KEY)
+                # The change log's seqs start a new epoch: a sidecar resuming a
+                # Watch from a seq of before the restore is told to start over.
+                # The next central to start writes the new epoch (it has the keys).
+                tr.clear(records.CHANGE_EPOCH_KEY)
             else:
                 tr.set(RESTORE_MARKER_KEY, _marker(restore_id, file_index, frame_index))
 

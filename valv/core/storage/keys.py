@@ -23,6 +23,8 @@ key                                                          value
 ("audit-genesis",)                                           the log's birth: creation time and
                                                              first hash (a deleted log is detected)
 ("log", seq:int), ("log-head",)                              the change log (valv.core.changelog)
+("log-epoch",)                                               ChangeLogEpoch: the log's incarnation
+                                                             (cleared by a restore)
 ("wj", seq:int)                                              JournalEntry: the ranges one write
                                                              transaction changed (journal.py)
 ("wj-head",)                                                 JournalHead: last and first seq

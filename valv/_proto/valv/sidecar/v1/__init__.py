@@ -263,6 +263,12 @@ class WatchEvent(betterproto2.Message):
     HELLO: how often central sends a HEARTBEAT on this stream.
     """
 
+    epoch: "bytes" = betterproto2.field(6, betterproto2.TYPE_BYTES)
+    """
+    HELLO: the store's change-log epoch; send it back in WatchRequest.epoch
+    when resuming.
+    """
+
 
 default_message_pool.register_message("valv.sidecar.v1", "WatchEvent", WatchEvent)
 
@@ -273,6 +279,13 @@ class WatchRequest(betterproto2.Message):
     """
     Resume after this change sequence number, from an earlier stream's events;
     0: start at central's current head.
+    """
+
+    epoch: "bytes" = betterproto2.field(2, betterproto2.TYPE_BYTES)
+    """
+    The epoch of the HELLO that after_seq came from. Seqs are only comparable
+    within one epoch (a restored store has a new one): if it differs from
+    central's, the stream begins with RESET.
     """
 
 

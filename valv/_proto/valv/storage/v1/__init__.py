@@ -4,6 +4,7 @@
 # This file has been @generated
 
 __all__ = (
+    "ChangeLogEpoch",
     "ChangeLogHead",
     "ChangeRecord",
     "CountRecord",
@@ -24,6 +25,23 @@ from ....message_pool import default_message_pool
 
 _COMPILER_VERSION = "0.10.1"
 betterproto2.check_compiler_version(_COMPILER_VERSION)
+
+
+@dataclass(eq=False, repr=False)
+class ChangeLogEpoch(betterproto2.Message):
+    """
+    ("log-epoch",): which incarnation of the change log this store holds. Seqs
+    are only comparable within one epoch: a restore clears this record and the
+    next central to start writes a new random one, so a sidecar resuming a Watch
+    from a seq it saw before the restore is told to start over (RESET).
+    """
+
+    schema_version: "int" = betterproto2.field(1, betterproto2.TYPE_UINT32)
+
+    epoch: "bytes" = betterproto2.field(2, betterproto2.TYPE_BYTES)
+
+
+default_message_pool.register_message("valv.storage.v1", "ChangeLogEpoch", ChangeLogEpoch)
 
 
 @dataclass(eq=False, repr=False)
