@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -61,9 +62,12 @@ def http_get(url: str, timeout: float = 5.0) -> tuple[int, str]:
 class SidecarProcess:
     """A real ``valv sidecar`` process with its metrics endpoint."""
 
-    def __init__(self, work: Path, central: str, *extra_args: str, name: str = "sidecar"
-                 ) -> None:
+    def __init__(self, work: Path, central: str, *extra_args: str, name: str = "sidecar",
+                 env: dict[str, str] | None = None) -> None:
+        """``env``: VALV_* settings for the process, on top of this one's environment
+        without its own VALV_* (flags given here win over them, as in the CLI)."""
         self.work = work
+        self.env = env
         self.central = central
         self.extra_args = extra_args
         self.name = name
@@ -82,7 +86,9 @@ class SidecarProcess:
                 [sys.executable, "-m", "valv", "sidecar", "--addr", "127.0.0.1:0",
                  "--central", self.central, "--ready-file", str(ready),
                  "--metrics-addr", "127.0.0.1:0", *self.extra_args],
-                stdout=log, stderr=log)
+                stdout=log, stderr=log,
+                env={**{k: v for k, v in os.environ.items() if not k.startswith("VALV_")},
+                     **(self.env or {})})
 
         def started() -> bool:
             self._check_alive()

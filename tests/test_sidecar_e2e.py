@@ -1412,6 +1412,38 @@ def test_the_unix_socket_is_0600_serves_and_is_removed_at_shutdown(tmp_path: Pat
     assert not path.exists()
 
 
+def test_configured_from_the_environment_with_a_group_socket(tmp_path: Path,
+                                                             dev: Pair) -> None:
+    """Every flag has its VALV_* variable: here the unix socket, its mode (0660: an
+    application container in the socket's group) and the cache TTL."""
+    path = tmp_path / "kms.sock"
+    sidecar = SidecarProcess(tmp_path, dev.central.addr, env={
+        "VALV_UNIX_SOCKET": str(path), "VALV_UNIX_SOCKET_MODE": "0660",
+        "VALV_CACHE_TTL": "2s"})
+    try:
+        sidecar.start()
+        assert os.stat(path).st_mode & 0o777 == 0o660
+        key = make_key(dev.admin, make_ring(dev.admin))
+        local = As(sidecar.unix_client(), None)
+        assert local.encrypt(name=key, plaintext=b"dek").ciphertext
+        wait_for(lambda: sidecar.metric("valv_sidecar_cache_expirations_total") >= 1,
+                 deadline_s=10, what="the 2 s TTL from VALV_CACHE_TTL", interval_s=0.05)
+    finally:
+        if sidecar.proc is not None:
+            assert sidecar.stop() == 0
+
+
+@pytest.mark.parametrize("mode", ["0666", "0644", "777", "rw"])
+def test_a_socket_others_could_reach_is_refused(tmp_path: Path, mode: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "valv", "sidecar", "--central", "127.0.0.1:1",
+         "--unix-socket", str(tmp_path / "s.sock"), "--unix-socket-mode", mode],
+        capture_output=True, text=True, timeout=STARTUP_DEADLINE_S, check=False)
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert "--unix-socket-mode" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "s.sock").exists()
+
+
 @pytest.mark.parametrize("addr", ["0.0.0.0:0", "[::]:0", "192.0.2.1:0"])
 def test_a_non_loopback_listen_address_is_refused(addr: str) -> None:
     result = subprocess.run(

@@ -382,6 +382,11 @@ def _add_sidecar(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
                   "non-loopback address is refused")
     env_flag(p, "--unix-socket", "VALV_UNIX_SOCKET",
              help="also listen on this unix socket path (created mode 0600)")
+    env_flag(p, "--unix-socket-mode", "VALV_UNIX_SOCKET_MODE", default="0600",
+             help="the unix socket's file mode: 0600 (this user only) or 0660 (also its "
+                  "group, e.g. an application container of the same pod sharing a "
+                  "supplemental group); anyone who can connect acts with the sidecar's "
+                  "identity")
     env_flag(p, "--token-file", "VALV_TOKEN_FILE",
              help="file holding the sidecar's bearer token for central (e.g. a projected "
                   "Kubernetes service-account token); re-read when it changes")
@@ -419,6 +424,13 @@ def _seconds(text: str, flag: str) -> float:
     return duration.total_seconds()
 
 
+def _socket_mode(text: str) -> int:
+    if text not in ("0600", "600", "0660", "660"):
+        raise ValueError(f"--unix-socket-mode must be 0600 or 0660, not {text!r} (a socket "
+                         "others could reach would let any local user act as the sidecar)")
+    return int(text, 8)
+
+
 def _count(text: str, flag: str) -> int:
     try:
         value = int(text)
@@ -446,7 +458,9 @@ def _run_sidecar(args: argparse.Namespace) -> int:
                                       else (None, 0))
         config = SidecarConfig(
             central_host=central_host, central_port=central_port, host=host, port=port,
-            unix_socket=path(args.unix_socket), token_file=path(args.token_file),
+            unix_socket=path(args.unix_socket),
+            unix_socket_mode=_socket_mode(args.unix_socket_mode),
+            token_file=path(args.token_file),
             central_ca_file=path(args.central_ca_file),
             client_cert_file=path(args.client_cert_file),
             client_key_file=path(args.client_key_file),

@@ -27,19 +27,25 @@ def bound_port(server: Server) -> int:
     return int(inner.sockets[0].getsockname()[1])
 
 
-def bind_unix_socket(path: Path) -> socket.socket:
-    """A unix socket bound at ``path``, mode 0600 from the start.
+def bind_unix_socket(path: Path, mode: int = 0o600) -> socket.socket:
+    """A unix socket bound at ``path``, mode 0600 from the start, then ``mode``
+    (e.g. 0660, to let the socket's group in: an application container running
+    as another user of a shared group). Access for others is refused: anyone who
+    can connect acts with the server's identity.
 
     A stale socket file left by a dead process is replaced; anything else at
     ``path`` (a regular file, a live server's socket) is refused, so a
     mistyped path can never delete data.
     """
+    if mode & ~0o660:
+        raise ValueError(f"unix socket mode {mode:04o} is refused: only the owner and its "
+                         "group may connect (0600 or 0660)")
     try:
-        mode = os.lstat(path).st_mode
+        existing = os.lstat(path).st_mode
     except FileNotFoundError:
         pass
     else:
-        if not stat.S_ISSOCK(mode):
+        if not stat.S_ISSOCK(existing):
             raise FileExistsError(f"{path} exists and is not a socket; refusing to replace it")
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -61,7 +67,7 @@ def bind_unix_socket(path: Path) -> socket.socket:
         raise
     finally:
         os.umask(previous)
-    os.chmod(path, 0o600)
+    os.chmod(path, mode)
     return sock
 
 

@@ -54,6 +54,7 @@ class SidecarConfig:
     host: str = "127.0.0.1"
     port: int = 50052
     unix_socket: Path | None = None
+    unix_socket_mode: int = 0o600  # or 0o660 (its group too); never others
     token_file: Path | None = None
     central_ca_file: Path | None = None
     client_cert_file: Path | None = None
@@ -160,7 +161,8 @@ class SidecarServer:
         self.tcp_address = (config.host, bound_port(tcp))
         if config.unix_socket is not None:
             unix = Server([forwarder, local], **raw_codecs())
-            await unix.start(sock=bind_unix_socket(config.unix_socket))
+            await unix.start(sock=bind_unix_socket(config.unix_socket,
+                                                   config.unix_socket_mode))
             self._servers.append(unix)
         metrics_address = None
         if config.metrics_host is not None:
