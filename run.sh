@@ -16,7 +16,11 @@ python="${PYTHON:-python3}"
 if [[ ! -x .venv/bin/python ]]; then
   "$python" -m venv .venv
 fi
-if [[ ! -f .venv/.valv-installed ]] || [[ pyproject.toml -nt .venv/.valv-installed ]]; then
+# An install with the dev extras (./test.sh, CI) has everything run.sh needs too.
+installed=.venv/.valv-installed
+[[ -f .venv/.valv-dev-installed ]] && [[ ! pyproject.toml -nt .venv/.valv-dev-installed ]] \
+  && installed=.venv/.valv-dev-installed
+if [[ ! -f "$installed" ]] || [[ pyproject.toml -nt "$installed" ]]; then
   .venv/bin/pip install --quiet --upgrade pip
   .venv/bin/pip install --quiet -e .
   touch .venv/.valv-installed
@@ -54,11 +58,12 @@ rm -f "$sidecar_ready"
 .venv/bin/valv sidecar --central "$central_addr" --addr "$sidecar_addr" \
   --unix-socket "$sidecar_socket" --ready-file "$sidecar_ready" &
 sidecar=$!
-for _ in $(seq 300); do
+for _ in $(seq 300); do  # up to 30 s for the sidecar to be ready
   [[ -f "$sidecar_ready" ]] && break
   kill -0 "$sidecar" 2>/dev/null || { echo "run.sh: the sidecar exited" >&2; exit 1; }
   sleep 0.1
 done
+[[ -f "$sidecar_ready" ]] || { echo "run.sh: the sidecar did not start in 30 s" >&2; exit 1; }
 cat >&2 <<EOF
 
 Valv is running (Ctrl-C stops both):
