@@ -209,6 +209,25 @@ class StoreConformance:
         assert len(await scan(store, begin, end, limit=100)) == 10
         assert await scan(store, begin, end, limit=1, reverse=True) == [(ks[9], b"9")]
 
+    async def test_a_snapshot_range_read_sees_what_get_range_sees(self, store: Store) -> None:
+        """Same pairs, limit included, and the transaction's own writes: it differs
+        only in the read conflicts it leaves (tested on FoundationDB)."""
+        ks = [keys.pack("snap", i) for i in range(6)]
+        await put(store, *[(k, b"%d" % i) for i, k in enumerate(ks[:4])])
+        begin, end = keys.range_of("snap")
+
+        def body(tx: Transaction) -> tuple[list[tuple[bytes, bytes]], ...]:
+            tx.set(ks[4], b"mine")
+            tx.clear(ks[0])
+            return (tx.get_range(begin, end), tx.get_range_snapshot(begin, end),
+                    tx.get_range(begin, end, limit=2), tx.get_range_snapshot(begin, end,
+                                                                             limit=2))
+
+        plain, snapshot, plain_two, snapshot_two = await store.run(body)
+        assert snapshot == plain == [(ks[1], b"1"), (ks[2], b"2"), (ks[3], b"3"),
+                                     (ks[4], b"mine")]
+        assert snapshot_two == plain_two == plain[:2]
+
     async def test_get_range_bounds_are_half_open(self, store: Store) -> None:
         ks = [keys.pack("h", i) for i in range(5)]
         await put(store, *[(k, b"v") for k in ks])

@@ -18,6 +18,7 @@ import asyncio
 import importlib
 import os
 import re
+import threading
 import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
@@ -169,6 +170,40 @@ async def test_a_watch_reports_a_change(cluster_prefix: str) -> None:
             await put(store, (key, b"%d" % n))
             await asyncio.wait({waiting}, timeout=0.05)
         assert waiting.result() is True
+    finally:
+        await store.close()
+
+
+@needs_cluster
+@pytest.mark.parametrize("snapshot", [True, False])
+async def test_a_snapshot_read_is_not_aborted_by_a_writer_in_its_range(
+        cluster_prefix: str, snapshot: bool) -> None:
+    """What the versionstamp sequencers rely on: a reader of a staging range that
+    another transaction writes into meanwhile commits at once if its read was a
+    snapshot read, and is run again (a conflict) if it was not."""
+    store = await open_store(_cluster_url(cluster_prefix))
+    begin, end = keys.range_of("stage")
+    runs = 0
+    read_done, written = threading.Event(), threading.Event()
+
+    def reader(tx: Transaction) -> int:
+        nonlocal runs
+        runs += 1
+        pairs = (tx.get_range_snapshot(begin, end) if snapshot
+                 else tx.get_range(begin, end))
+        if runs == 1:
+            read_done.set()
+            assert written.wait(30)
+        tx.set(keys.pack("head"), b"%d" % len(pairs))
+        return len(pairs)
+
+    try:
+        reading = asyncio.ensure_future(store.run(reader))
+        await asyncio.to_thread(read_done.wait, 30)
+        await put(store, (keys.pack("stage", 1), b"staged meanwhile"))
+        written.set()
+        await reading
+        assert runs == (1 if snapshot else 2)
     finally:
         await store.close()
 
@@ -562,7 +597,10 @@ def test_retryable_codes_follow_foundationdb() -> None:
         assert info.kind is FdbErrorKind.MAYBE_COMMITTED and info.retryable
         assert info.maybe_committed
     retryable = {c for c in fdb_backend._ERRORS if classify(c).retryable}
-    assert retryable == RETRYABLE_NOT_COMMITTED | {1021, 1022, 1039}
+    assert retryable == RETRYABLE_NOT_COMMITTED | {1021, 1039}
+    # commit_unknown_result_fatal: not retried, and unknown if raised by a commit.
+    assert not classify(1022).retryable
+    assert 1022 in fdb_backend._UNKNOWN_IF_COMMITTING
 
 
 @pytest.mark.parametrize(("code", "name", "kind"), [

@@ -66,6 +66,21 @@ class Transaction(abc.ABC):
         ``limit`` > 0 caps the number of pairs returned.
         """
 
+    def get_range_snapshot(
+        self, begin: bytes, end: bytes, *, limit: int = 0
+    ) -> list[tuple[bytes, bytes]]:
+        """``get_range``, read without a read conflict (FoundationDB's snapshot read).
+
+        For readers that must not be aborted by concurrent writers into the
+        range: the versionstamp sequencers, which read the staging prefixes that
+        every writer appends to. (FDB gives each versionstamped key a write
+        conflict range reaching to the end of the prefix, so an ordinary read
+        there would conflict with every concurrent writer.) Safe for them: what
+        commits later gets a larger versionstamp and sorts after what was read.
+        Backends whose writers are serialized read as usual (the default).
+        """
+        return self.get_range(begin, end, limit=limit)
+
     @property
     def supports_versionstamps(self) -> bool:
         """True if ``set_versionstamped`` works here (FoundationDB)."""

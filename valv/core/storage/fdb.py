@@ -52,17 +52,24 @@ backend does with SQLITE_BUSY. One deliberate exception to on_error: a commit
 whose result is unknown (commit_unknown_result, or a timeout while
 committing) is not run again, because Valv's bodies are not idempotent (a
 rerun could create a second key version or a second change-log entry); it is
-reported as ``FdbCommitUnknownError``. At API version 730 and later writers set
-``automatic_idempotency``, with which the client library resolves unknown
-results itself, so that should be rare. Errors that remain become StorageError
+reported as ``FdbCommitUnknownError``. The client library's
+``automatic_idempotency`` (API 730+) would let it settle unknown results
+itself, but its own documentation still calls it "in development and not
+ready for general use", so it is opt-in (``automatic_idempotency=1`` in the
+URL), off by default. Errors that remain become StorageError
 subclasses, classified by the pure table in ``classify``: unavailable (the
 cluster, the network or the configuration: retry later or fix the setup),
 limit, or a bug.
 
 Tenants are left out: the 8.0 Python bindings stub out ``Database.open_tenant``
 (it returns None), and the prefix gives the same separation between
-deployments. Versionstamped keys are left out too: the sqlite backend has no
-faithful equivalent without changing its semantics.
+deployments.
+
+Versionstamped keys (``set_versionstamped``) order the change log, the audit
+log and the write journal without a shared counter; the sequencers that give
+staged entries their seqs read the staging ranges with snapshot reads
+(``get_range_snapshot``), since every writer's versionstamped key carries a
+write conflict range to the end of its prefix.
 """
 
 from __future__ import annotations
@@ -132,7 +139,7 @@ DEFAULT_RETRY_LIMIT = 100
 # mean "unbounded" to FoundationDB, which would let a transaction hang forever.
 MAX_TIMEOUT_MS = 600_000
 MAX_RETRY_LIMIT = 100_000
-# automatic_idempotency appeared at API version 730.
+# automatic_idempotency appeared at API version 730 (opt-in: see the module notes).
 _IDEMPOTENCY_API_VERSION = 730
 
 # Printable, URL-safe, no NUL (which the tuple layer would escape) and short:
@@ -140,12 +147,12 @@ _IDEMPOTENCY_API_VERSION = 730
 _PREFIX_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _DIGITS_RE = re.compile(r"[0-9]{1,9}")
 _SYSTEM_KEYSPACE = b"\xff"
-_PARAMETERS = ("api_version", "prefix", "retry_limit", "timeout_ms")
+_PARAMETERS = ("api_version", "automatic_idempotency", "prefix", "retry_limit", "timeout_ms")
 
 _URL_FORMS = (
     "fdb:// (the default cluster file), fdb:///absolute/path/fdb.cluster or "
     "fdb:relative/path/fdb.cluster, optionally followed by "
-    "?prefix=valv&api_version=730&timeout_ms=5000&retry_limit=100"
+    "?prefix=valv&api_version=730&timeout_ms=5000&retry_limit=100&automatic_idempotency=0"
 )
 
 
@@ -163,6 +170,8 @@ class FdbConfig:
     prefix: str = DEFAULT_PREFIX
     timeout_ms: int = DEFAULT_TIMEOUT_MS
     retry_limit: int = DEFAULT_RETRY_LIMIT
+    # FoundationDB's automatic_idempotency on writing transactions (API 730+).
+    automatic_idempotency: bool = False
 
     def to_url(self) -> str:
         """The canonical URL of this configuration (``parse_url`` reads it back)."""
@@ -174,6 +183,7 @@ class FdbConfig:
                 ("api_version", self.api_version, DEFAULT_API_VERSION),
                 ("timeout_ms", self.timeout_ms, DEFAULT_TIMEOUT_MS),
                 ("retry_limit", self.retry_limit, DEFAULT_RETRY_LIMIT),
+                ("automatic_idempotency", int(self.automatic_idempotency), 0),
             )
             if value != default
         )
@@ -188,7 +198,8 @@ def parse_url(url: str) -> FdbConfig:
     ``fdb:relative/fdb.cluster`` for one relative to the working directory
     (made absolute here). Parameters, each at most once: ``prefix`` (default
     "valv"), ``api_version`` (default 730), ``timeout_ms`` (default 5000),
-    ``retry_limit`` (default 100). Pure: does not touch the file or FDB.
+    ``retry_limit`` (default 100), ``automatic_idempotency`` (0 or 1, default 0;
+    needs api_version 730+). Pure: does not touch the file or FDB.
     """
     if not isinstance(url, str):
         raise StorageError(f"storage URL must be a string, not {type(url).__name__}")
@@ -224,7 +235,14 @@ def parse_url(url: str) -> FdbConfig:
                           "milliseconds a transaction may take, retries included")
     retry_limit = _integer(url, values, "retry_limit", DEFAULT_RETRY_LIMIT, 0, MAX_RETRY_LIMIT,
                            "how many times a transaction may be retried")
-    return FdbConfig(cluster_file, api_version, prefix, timeout_ms, retry_limit)
+    idempotency = _integer(url, values, "automatic_idempotency", 0, 0, 1,
+                           "1 sets FoundationDB's automatic_idempotency on writes")
+    if idempotency and api_version < _IDEMPOTENCY_API_VERSION:
+        raise StorageError(
+            f"storage URL {url!r}: automatic_idempotency=1 needs api_version "
+            f"{_IDEMPOTENCY_API_VERSION} or later, not {api_version}")
+    return FdbConfig(cluster_file, api_version, prefix, timeout_ms, retry_limit,
+                     bool(idempotency))
 
 
 def _cluster_file(url: str, path: str) -> str | None:
@@ -474,7 +492,9 @@ _ERRORS: dict[int, tuple[str, FdbErrorKind, str]] = {
            "raise retry_limit/timeout_ms if this happens under normal load"),
     1021: ("commit_unknown_result", _M,
            "the cluster did not confirm the commit (a recovery or a network problem)"),
-    1022: ("commit_unknown_result_fatal", _M,
+    # Not retryable (fdb_error_predicate: neither maybe-committed nor retryable),
+    # and raised by a commit its outcome is unknown: see _UNKNOWN_IF_COMMITTING.
+    1022: ("commit_unknown_result_fatal", _U,
            "the commit's idempotency id expired before its result was known"),
     1025: ("transaction_cancelled", _U, "the transaction was cancelled (the store is closing?)"),
     1031: ("transaction_timed_out", _U,
@@ -555,7 +575,7 @@ _ERRORS: dict[int, tuple[str, FdbErrorKind, str]] = {
 # Errors that, raised by commit(), leave the outcome unknown even though
 # fdb_error_predicate does not call them maybe-committed: the client gave up
 # waiting, but the commit may already have been sent.
-_UNKNOWN_IF_COMMITTING = frozenset({1004, 1025, 1031, 1101})
+_UNKNOWN_IF_COMMITTING = frozenset({1004, 1022, 1025, 1031, 1101})
 
 
 def classify(code: int) -> FdbErrorInfo:
@@ -798,6 +818,15 @@ class _FdbTransaction(Transaction):
     def get_range(
         self, begin: bytes, end: bytes, *, limit: int = 0, reverse: bool = False
     ) -> list[tuple[bytes, bytes]]:
+        return self._read_range(begin, end, limit=limit, reverse=reverse, snapshot=False)
+
+    def get_range_snapshot(
+        self, begin: bytes, end: bytes, *, limit: int = 0
+    ) -> list[tuple[bytes, bytes]]:
+        return self._read_range(begin, end, limit=limit, reverse=False, snapshot=True)
+
+    def _read_range(self, begin: bytes, end: bytes, *, limit: int, reverse: bool,
+                    snapshot: bool) -> list[tuple[bytes, bytes]]:
         self._check_usable()
         stored_begin, stored_end = self._codec.range(begin, end)
         if limit < 0:
@@ -812,9 +841,12 @@ class _FdbTransaction(Transaction):
         mode = modes.exact if limit else modes.want_all
         codec = self._codec
 
+        # A snapshot read adds no read conflict range (Transaction.get_range_snapshot).
+        source = self._tr.snapshot if snapshot else self._tr
+
         def read() -> list[tuple[bytes, bytes]]:
-            result = self._tr.get_range(stored_begin, stored_end, limit=limit, reverse=reverse,
-                                        streaming_mode=mode)
+            result = source.get_range(stored_begin, stored_end, limit=limit, reverse=reverse,
+                                      streaming_mode=mode)
             return [(codec.unpack(bytes(kv.key)), bytes(kv.value)) for kv in result]
 
         return self._call(read, what)
@@ -993,7 +1025,7 @@ class FdbStore(Store):
         try:
             tr.options.set_timeout(self._config.timeout_ms)
             tr.options.set_retry_limit(self._config.retry_limit)
-            if not read_only and self._config.api_version >= _IDEMPOTENCY_API_VERSION:
+            if not read_only and self._config.automatic_idempotency:
                 tr.options.set_automatic_idempotency()
         except self._fdb.FDBError as exc:  # e.g. invalid_option: not a retryable state
             raise error_for(exc.code, what=what, description=_description(exc)) from exc

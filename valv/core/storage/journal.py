@@ -367,6 +367,10 @@ class _JournalingTransaction(Transaction):
                   reverse: bool = False) -> list[tuple[bytes, bytes]]:
         return self._inner.get_range(begin, end, limit=limit, reverse=reverse)
 
+    def get_range_snapshot(self, begin: bytes, end: bytes, *,
+                           limit: int = 0) -> list[tuple[bytes, bytes]]:
+        return self._inner.get_range_snapshot(begin, end, limit=limit)
+
 
 class JournaledStore(Store):
     """A raw Store whose read-write transactions journal what they write."""

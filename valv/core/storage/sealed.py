@@ -271,15 +271,24 @@ class SealedTransaction(Transaction):
 
     def get_stamped_range(self, prefix: bytes, *, limit: int = 0
                           ) -> list[tuple[bytes, bytes]]:
-        """The values written with ``set_versionstamped(prefix, ...)``, in key order."""
+        """The values written with ``set_versionstamped(prefix, ...)``, in key order.
+
+        A snapshot read (``Transaction.get_range_snapshot``): concurrent writers
+        staging more under ``prefix`` don't abort the reader (a sequencer)."""
         begin, end = prefix + b"\x00", prefix + b"\xff"
         return [(k, self._sealer.open(prefix, v))
-                for k, v in self._inner.get_range(begin, end, limit=limit)]
+                for k, v in self._inner.get_range_snapshot(begin, end, limit=limit)]
 
     def get_range(
         self, begin: bytes, end: bytes, *, limit: int = 0, reverse: bool = False
     ) -> list[tuple[bytes, bytes]]:
         pairs = self._inner.get_range(begin, end, limit=limit, reverse=reverse)
+        return [(k, self._sealer.open(k, v)) for k, v in pairs]
+
+    def get_range_snapshot(
+        self, begin: bytes, end: bytes, *, limit: int = 0
+    ) -> list[tuple[bytes, bytes]]:
+        pairs = self._inner.get_range_snapshot(begin, end, limit=limit)
         return [(k, self._sealer.open(k, v)) for k, v in pairs]
 
 
