@@ -44,7 +44,7 @@ from valv.core.crypto.rootkey import RootKeyring
 from valv.core.iam import IamPolicies, Policy
 from valv.core.keystore import KeyStore, KeystoreSettings
 from valv.core.scheduler import DEFAULT_INTERVAL_S, Scheduler
-from valv.core.storage import open_store
+from valv.core.storage import journal, open_store
 from valv.core.storage.journal import journaled_store
 from valv.core.storage.sealed import SealedStore, Sealer
 from valv.netutil import (
@@ -223,6 +223,12 @@ class CentralServer:
         # store, or a restored one, gets a new epoch here). After the audit log's
         # startup check, which must see a new store as empty.
         await self.auditor.wait_open()
+        # A backup of a FoundationDB store holds the log entries its writers had
+        # staged and not yet numbered; restored anywhere, they are numbered now,
+        # before this central writes anything (in the followers' order).
+        await changelog.sequence(self._store, always=True)
+        await self.auditor.log.chain(always=True)
+        await journal.sequence(self._store, always=True)
         await changelog.ensure_epoch(self._store)
         self.calls.auditor = self.auditor
         # IAM policies inherit root -> key ring -> crypto key; the Authorizer

@@ -503,13 +503,14 @@ class AuditLog:
         self._link(tr, records)
         return len(records)
 
-    async def chain(self) -> int:
+    async def chain(self, *, always: bool = False) -> int:
         """Link staged records (FoundationDB) into the chain, in commit order; how many.
 
         Any number of centrals may run it at once: each pass reads the head, so
         concurrent passes conflict there and FoundationDB runs the loser again.
+        ``always``: even without versionstamps (see valv.core.changelog.sequence).
         """
-        if not self._store.supports_versionstamps:
+        if not self._store.supports_versionstamps and not always:
             return 0
         total = 0
         while True:

@@ -142,10 +142,14 @@ def sequence_body(tr: Transaction, limit: int = READ_LIMIT) -> int:
     return len(staged)
 
 
-async def sequence(store: Store) -> int:
+async def sequence(store: Store, *, always: bool = False) -> int:
     """Sequence what is staged (FoundationDB); how many. Safe to run anywhere, any
-    number of times at once: sequencers conflict on the head, and retry."""
-    if not store.supports_versionstamps:
+    number of times at once: sequencers conflict on the head, and retry.
+
+    ``always``: also on a store without versionstamps, which can hold staged
+    entries only if a backup of a FoundationDB store was restored into it
+    (central runs this at startup, before it writes anything)."""
+    if not store.supports_versionstamps and not always:
         return 0
     total = 0
     while True:

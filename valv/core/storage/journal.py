@@ -248,10 +248,11 @@ def sequence_body(tr: SealedTransaction, limit: int = READ_LIMIT) -> int:
     return len(staged)
 
 
-async def sequence(store: Store, limit: int = READ_LIMIT) -> int:
+async def sequence(store: Store, limit: int = READ_LIMIT, *, always: bool = False) -> int:
     """Sequence everything staged in ``store`` (sealed); how many entries. Any number of
-    processes may run it at once: they conflict on the head, and FDB retries the losers."""
-    if not store.supports_versionstamps:
+    processes may run it at once: they conflict on the head, and FDB retries the losers.
+    ``always``: even without versionstamps (see valv.core.changelog.sequence)."""
+    if not store.supports_versionstamps and not always:
         return 0
     total = 0
     while True:
