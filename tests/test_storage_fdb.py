@@ -758,9 +758,12 @@ class _WatchingStore(Store):
     async def run(self, body: Callable[[Transaction], Any], *, read_only: bool = False) -> Any:
         return await self.inner.run(body, read_only=read_only)
 
-    async def wait_for_change(self, key: bytes, timeout_s: float) -> bool:
+    async def wait_for_change(self, key: bytes, timeout_s: float, *,
+                              armed: asyncio.Event | None = None) -> bool:
         self.calls.append((key, timeout_s))
         self.called.set()
+        if armed is not None:
+            armed.set()
         try:
             if self.behaviour is not None:
                 return self.behaviour()
@@ -838,6 +841,36 @@ async def test_a_watch_timing_out_early_does_not_end_the_wait(tmp_path: Path) ->
         await store.close()
 
 
+async def test_a_change_before_the_watch_is_armed_is_not_missed(tmp_path: Path) -> None:
+    """A change committed after the last poll but before the watch is in place
+    never fires the watch: the head, read again once it is armed, shows it."""
+    store = _WatchingStore(tmp_path / "valv.db")
+    follower = changelog.ChangeFollower(store, FakeClock(), [], poll_interval_s=3600)
+    try:
+        await follower.start()
+        await _append(store, "projects/p/locations/global/keyRings/between")
+        # The watch never fires (store.change is never set), the fallback is an hour.
+        await asyncio.wait_for(follower._idle(asyncio.Event()), 10)
+        assert len(store.calls) == 1
+    finally:
+        await store.close()
+
+
+async def test_a_watching_follower_does_not_poll_at_the_poll_interval(tmp_path: Path) -> None:
+    store = _WatchingStore(tmp_path / "valv.db")
+    follower = changelog.ChangeFollower(store, FakeClock(), [], poll_interval_s=0.2)
+    try:
+        await follower.start()
+        idle = asyncio.create_task(follower._idle(asyncio.Event()))
+        await asyncio.wait_for(store.called.wait(), 10)
+        # The only bound on the wait is the fallback, not the 0.2 s poll interval.
+        assert store.calls == [(records.CHANGE_HEAD_KEY, changelog.WATCH_FALLBACK_S)]
+        follower.wake()
+        await asyncio.wait_for(idle, 10)
+    finally:
+        await store.close()
+
+
 async def test_a_failing_watch_falls_back_to_the_poll_interval(tmp_path: Path) -> None:
     store = _WatchingStore(tmp_path / "valv.db")
 
@@ -846,7 +879,8 @@ async def test_a_failing_watch_falls_back_to_the_poll_interval(tmp_path: Path) -
 
     store.behaviour = fail
     interval = 0.05
-    follower = changelog.ChangeFollower(store, FakeClock(), [], poll_interval_s=interval)
+    follower = changelog.ChangeFollower(store, FakeClock(), [], poll_interval_s=interval,
+                                        watch_fallback_s=interval)
     loop = asyncio.get_running_loop()
     try:
         started = loop.time()

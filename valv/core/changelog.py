@@ -37,12 +37,14 @@ through itself commits (KeyStore.after_change), so its own changes reach its
 listeners (and the sidecars' Watch streams, valv.core.changehub) in
 milliseconds. The poll interval then only bounds changes through other
 centrals. Whatever learns of a commit can call ``wake()``. On a store that
-watches keys (FoundationDB: ``Store.supports_watches``), the follower also
-waits between polls on a watch of the head key, which every change writes,
-so a change through another central arrives in milliseconds too; the poll
-interval stays as the fallback, for a change committed between a poll and
-the watch being set and for a watch that fails. ``read_since`` is the same
-read for the sidecar Watch stream.
+watches keys (FoundationDB: ``Store.supports_watches``) the follower does not
+poll: it waits on a watch of the head key, which every numbered change moves
+(the central that made a change numbers it at once, through ``wake()``), so
+a change through another central arrives in milliseconds too. The watch is
+armed before the head is read again, so nothing falls between a poll and the
+watch; ``WATCH_FALLBACK_S`` (10 s) only bounds the wait, for entries staged
+by a central that crashed before numbering them and for a failing watch.
+``read_since`` is the same read for the sidecar Watch stream.
 
 Retention: entries older than RETENTION (1 hour) are trimmed, a bounded batch
 per transaction, by every follower (any number may race: each batch re-reads
@@ -58,7 +60,7 @@ import os
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Protocol
+from typing import Any, Protocol
 
 from valv.core import records
 from valv.core.clock import Clock, to_micros
@@ -78,6 +80,8 @@ KINDS = frozenset({CRYPTO_KEY, VERSION, IAM, KEY_RING, ROOT_KEYS})
 
 RETENTION = timedelta(hours=1)
 DEFAULT_POLL_INTERVAL_S = 0.2
+# On a store with watches the follower doesn't poll; this bounds its wait anyway.
+WATCH_FALLBACK_S = 10.0
 READ_LIMIT = 1000
 TRIM_BATCH = 1000
 TRIM_INTERVAL_S = 60.0
@@ -257,13 +261,16 @@ class ChangeFollower:
                  poll_interval_s: float = DEFAULT_POLL_INTERVAL_S,
                  retention: timedelta = RETENTION,
                  trim_interval_s: float = TRIM_INTERVAL_S,
-                 sequencers: Sequence[Callable[[], Awaitable[int]]] = ()) -> None:
-        if poll_interval_s <= 0:
+                 sequencers: Sequence[Callable[[], Awaitable[int]]] = (),
+                 watch_fallback_s: float = WATCH_FALLBACK_S) -> None:
+        if poll_interval_s <= 0 or watch_fallback_s <= 0:
             raise ValueError("the change log poll interval must be positive")
         self._store = store
         self._clock = clock
         self._listeners = list(listeners)
         self.poll_interval_s = poll_interval_s
+        # On a store with watches: the longest wait between polls (see _idle).
+        self.watch_fallback_s = max(poll_interval_s, watch_fallback_s)
         self._retention = retention
         self._trim_interval_s = trim_interval_s
         # Other logs to sequence before each poll on a store with versionstamps
@@ -345,8 +352,15 @@ class ChangeFollower:
             await self._idle(stop)
 
     async def _idle(self, stop: asyncio.Event) -> None:
-        """Wait for the poll interval, a wake(), ``stop`` or (on a store with
-        watches) a change of the log head, whichever comes first."""
+        """Wait for the next poll: a wake(), ``stop``, or the poll interval; on a
+        store with watches, a change of the log head instead of the interval.
+
+        With watches (FoundationDB) there is no polling: the watch is armed
+        first, then the head is read once more, so a change committed between
+        the last poll and the watch is seen (by the read) and any later one
+        fires the watch. Only ``watch_fallback_s`` (10 s) bounds the wait, for
+        entries a crashed central staged and never numbered, and for a watch
+        that fails (then the wait is that long too: never a tight loop)."""
         if self._wakeup.is_set():
             return
         waiters: set[asyncio.Future[bool]] = {asyncio.ensure_future(stop.wait()),
@@ -360,26 +374,43 @@ class ChangeFollower:
                     waiter.cancel()
             return
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.poll_interval_s
-        watch = asyncio.ensure_future(
-            self._store.wait_for_change(records.CHANGE_HEAD_KEY, self.poll_interval_s))
-        pending = {*waiters, watch}
+        deadline = loop.time() + self.watch_fallback_s
+        armed = asyncio.Event()
+        watch = asyncio.ensure_future(self._store.wait_for_change(
+            records.CHANGE_HEAD_KEY, self.watch_fallback_s, armed=armed))
+        is_armed = asyncio.ensure_future(armed.wait())
+        pending: set[asyncio.Future[Any]] = {*waiters, watch, is_armed}
         try:
             while pending:
                 done, pending = await asyncio.wait(
                     pending, timeout=max(0.0, deadline - loop.time()),
                     return_when=asyncio.FIRST_COMPLETED)
-                if not done or done - {watch}:
-                    return  # the interval passed, or stop / wake()
-                # Only the watch finished. A change: poll now. Its own timeout
+                if not done or done - {watch, is_armed}:
+                    return  # the fallback interval passed, or stop / wake()
+                if is_armed in done:
+                    # Armed: anything from now on fires the watch. What came
+                    # between the last poll and now, the head shows.
+                    # (Not before a first good poll: a failing one would spin.)
+                    try:
+                        if self.seen is not None and await head(self._store) != self.seen:
+                            return
+                    except Exception:
+                        log.debug("change log head read failed after arming the watch",
+                                  exc_info=True)
+                    done = done - {is_armed}
+                if watch not in done:
+                    continue
+                # The watch finished. A change: poll now. Its own timeout
                 # or a failed watch: wait out the interval as without watches
                 # (never poll in a tight loop because watches keep failing).
                 failure = None if watch.cancelled() else watch.exception()
                 if failure is None and not watch.cancelled() and watch.result():
                     return
                 if failure is not None:
-                    log.debug("change log head watch failed; polling at the interval",
+                    log.debug("change log head watch failed; polling at the fallback interval",
                               exc_info=failure)
+                pending.discard(is_armed)
         finally:
-            for waiter in (*waiters, watch):
-                waiter.cancel()
+            everything: list[asyncio.Future[Any]] = [*waiters, watch, is_armed]
+            for future in everything:
+                future.cancel()

@@ -14,6 +14,7 @@ transaction it is given.
 from __future__ import annotations
 
 import abc
+import asyncio
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -132,15 +133,17 @@ class Store(abc.ABC):
         """
         return False
 
-    async def wait_for_change(self, key: bytes, timeout_s: float) -> bool:
+    async def wait_for_change(self, key: bytes, timeout_s: float, *,
+                              armed: asyncio.Event | None = None) -> bool:
         """Wait until the value at ``key`` changes, for at most ``timeout_s`` seconds.
 
         True: it changed (perhaps spuriously: the caller re-reads to see what
         changed). False: ``timeout_s`` passed with no change seen, or the
         store cannot watch (``supports_watches`` is False), in which case it
         returns at once. The watch is set during the call, so a change
-        committed just before that is not reported: callers keep polling as a
-        fallback. Raises StorageError if the watch cannot be set or fails.
+        committed just before that is not reported: ``armed`` is set once the
+        watch is in place, after which the caller reads the key once more to
+        miss nothing. Raises StorageError if the watch cannot be set or fails.
 
         A store that wraps another without changing keys (sealing,
         journaling) should forward both this and ``supports_watches``.

@@ -944,7 +944,8 @@ class FdbStore(Store):
     def supports_watches(self) -> bool:
         return True
 
-    async def wait_for_change(self, key: bytes, timeout_s: float) -> bool:
+    async def wait_for_change(self, key: bytes, timeout_s: float, *,
+                              armed: asyncio.Event | None = None) -> bool:
         """See Store.wait_for_change: an FDB watch on ``key``.
 
         The watch is set by a read-only transaction committed in a worker
@@ -970,6 +971,8 @@ class FdbStore(Store):
             watch.cancel()
             raise StorageError(f"store {self._url} is closed")
         self._watches.add(watch)
+        if armed is not None:
+            armed.set()
         try:
             code = await asyncio.wait_for(changed, timeout_s)
         except TimeoutError:

@@ -51,6 +51,7 @@ backup writes a new base).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -414,9 +415,10 @@ class JournaledStore(Store):
     def supports_watches(self) -> bool:
         return self._inner.supports_watches
 
-    async def wait_for_change(self, key: bytes, timeout_s: float) -> bool:
+    async def wait_for_change(self, key: bytes, timeout_s: float, *,
+                              armed: asyncio.Event | None = None) -> bool:
         # Keys pass through unchanged, so a watch on the inner store is one on ours.
-        return await self._inner.wait_for_change(key, timeout_s)
+        return await self._inner.wait_for_change(key, timeout_s, armed=armed)
 
     @property
     def supports_versionstamps(self) -> bool:

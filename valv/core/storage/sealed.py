@@ -29,6 +29,7 @@ Keys are not encrypted: they hold resource names, which are not secret.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
 from collections.abc import Callable
@@ -339,9 +340,10 @@ class SealedStore(Store):
     def supports_watches(self) -> bool:
         return self._inner.supports_watches
 
-    async def wait_for_change(self, key: bytes, timeout_s: float) -> bool:
+    async def wait_for_change(self, key: bytes, timeout_s: float, *,
+                              armed: asyncio.Event | None = None) -> bool:
         # Keys pass through unchanged, so a watch on the inner store is one on ours.
-        return await self._inner.wait_for_change(key, timeout_s)
+        return await self._inner.wait_for_change(key, timeout_s, armed=armed)
 
     async def close(self) -> None:
         await self._inner.close()
