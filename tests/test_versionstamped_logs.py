@@ -114,3 +114,26 @@ async def test_a_central_on_a_versionstamped_store_sequences_before_it_reads(
             return [k for p in prefixes for k, _ in tr.get_range(p + b"\x00", p + b"\xff")]
 
         assert await store.inner.run(staged, read_only=True) == []
+
+
+async def test_sequencing_takes_a_bounded_number_of_staged_bytes_per_transaction(
+        tmp_path: Path) -> None:
+    """Write-journal entries of big transactions are numbered a few at a time, so the
+    sequencing transaction (which rewrites what it reads) stays far under 10 MB."""
+    from valv.core.storage import journal
+
+    clock = FakeClock()
+    async with open_keystore(tmp_path / "db", clock, versionstamps=True) as (_, store):
+        big_key = b"k" * 9_000
+
+        def write(tr: Transaction, n: int) -> None:
+            for i in range(100):  # 100 ranges of two ~9 kB keys: ~1.8 MB of journal
+                tr.set(keys.pack("big", n, i, big_key), b"v")
+
+        for n in range(4):
+            await store.run(lambda tr, n=n: write(tr, n))
+        first = await store.run(lambda tr: journal.sequence_body(tr))
+        assert 1 <= first < 4
+        assert first + await journal.sequence(store) == 4
+        # The four, and the entries of the sequencing transactions themselves.
+        assert await journal.head(store) >= 4

@@ -75,6 +75,9 @@ PART_BYTES = 60_000
 _RANGE_OVERHEAD = 8
 RETENTION = timedelta(hours=1)
 READ_LIMIT = 1000
+# Staged bytes one sequencing transaction takes: it rewrites them all, so this
+# keeps it far inside FoundationDB's 10 MB (1000 parts of 60 kB would not be).
+SEQUENCE_BYTES = 2_000_000
 TRIM_BATCH = 1000
 
 KeyRange = tuple[bytes, bytes]
@@ -211,12 +214,22 @@ def append(tr: SealedTransaction, now_us: int, ranges: list[KeyRange], *,
     return seq
 
 
-def _staged(tr: SealedTransaction, limit: int) -> list[tuple[list[bytes], JournalEntry]]:
-    """Staged entries in commit order: (their keys, the entry with seq 0)."""
+def _staged(tr: SealedTransaction, limit: int,
+            max_bytes: int = 0) -> list[tuple[list[bytes], JournalEntry]]:
+    """Staged entries in commit order: (their keys, the entry with seq 0).
+
+    ``max_bytes`` > 0: stop after the first entry that brings the parts read to
+    that many bytes (at least one whole entry is always returned)."""
     rows = tr.get_stamped_range(STAGE_PREFIX, limit=limit)
     groups: list[tuple[bytes, list[bytes], JournalEntry]] = []
-    for key, value in rows:
+    taken = 0
+    for index, (key, value) in enumerate(rows):
         stamp, _ = keys.stamp_of(key, STAGE_PREFIX)
+        if max_bytes and taken >= max_bytes and groups and groups[-1][0] != stamp:
+            rows = rows[:index]
+            limit = 0  # cut here on purpose: what was taken is whole
+            break
+        taken += len(key) + len(value)
         _, time_us, ranges = _decode_part(key, value)
         if groups and groups[-1][0] == stamp:
             _, staged_keys, entry = groups[-1]
@@ -231,8 +244,9 @@ def _staged(tr: SealedTransaction, limit: int) -> list[tuple[list[bytes], Journa
 
 
 def sequence_body(tr: SealedTransaction, limit: int = READ_LIMIT) -> int:
-    """Give staged entries their seqs, in commit order; how many."""
-    staged = _staged(tr, limit)
+    """Give staged entries their seqs, in commit order; how many. Bounded by
+    ``limit`` parts and about SEQUENCE_BYTES: the rest is the next pass's."""
+    staged = _staged(tr, limit, SEQUENCE_BYTES)
     if not staged:
         return 0
     last_seq, first_seq = _decode_head(tr.get(HEAD_KEY))
