@@ -505,3 +505,17 @@ def test_entries_a_foundationdb_backup_holds_staged_are_numbered_where_restored(
     assert query.returncode == 0, query.stderr
     assert [json.loads(line)["rpc"] for line in query.stdout.splitlines()
             if "StagedRpc" in line] == ["StagedRpc"]
+
+
+def test_a_damaged_segment_in_a_directory_is_refused_before_any_write(
+        tmp_path: Path, good_backup: tuple[Path, Path]) -> None:
+    backup, source_dir = good_backup
+    directory = tmp_path / "active"
+    directory.mkdir()
+    shutil.copy2(backup, directory / "g000001-base.vbk")
+    (directory / "g000001-s000001.vbk").write_bytes(b"VALVBKP\x01" + os.urandom(200))
+    target, restored = restore_into(tmp_path, "target", directory, key_from=source_dir)
+    assert restored.returncode == 1, restored.stderr
+    assert "g000001-s000001.vbk" in restored.stderr, restored.stderr
+    assert "nothing was written" in restored.stderr and "Traceback" not in restored.stderr
+    assert not (target / "valv.db").exists()

@@ -283,16 +283,20 @@ def _run_restore(args: argparse.Namespace) -> int:
 
 
 async def _restore(config: CentralConfig, args: argparse.Namespace) -> int:
-    from valv.core.backup.restore import plan_directory, plan_file, restore
+    from valv.core.backup.restore import RestoreError, plan_directory, plan_file, restore
     from valv.core.storage import open_store
 
     with _spooled(args.source, config) as source:
-        if os.path.isdir(source):
-            plan = plan_directory(source, args.until)
-        else:
-            if args.until is not None:
-                return _error("restore", "--until applies to a directory only")
-            plan = plan_file(source)
+        try:
+            if os.path.isdir(source):
+                plan = plan_directory(source, args.until)
+            else:
+                if args.until is not None:
+                    return _error("restore", "--until applies to a directory only")
+                plan = plan_file(source)
+        except RestoreError as exc:  # a bad file or directory, found before any write
+            print(f"valv restore: {exc}; nothing was written", file=sys.stderr)
+            return 1
         for skipped in plan.skipped_segments:
             print(f"valv restore: not applying {skipped}", file=sys.stderr)
         if not args.no_root_key_check:

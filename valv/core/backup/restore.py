@@ -12,9 +12,10 @@ Guarantees:
   through once (valv.core.backup.format checks the digest, counts and
   structure; here, the key bounds and how the files chain) before the first
   write. A bad file changes nothing.
-- **Bounded transactions.** Frames are applied in order, at most
-  ``batch_frames`` frames and ``batch_bytes`` bytes per transaction, well
-  inside FoundationDB's 10 MB / 5 s.
+- **Bounded transactions.** Frames are applied in order; a transaction ends
+  at the frame that reaches ``batch_frames`` frames or ``batch_bytes`` bytes
+  (so it holds at most one frame more than that), well inside
+  FoundationDB's 10 MB / 5 s.
 - **Resumable.** Each batch also writes a marker, ("meta", "restore"), with
   the position reached, in the same transaction. Run the same restore again
   after a crash and it goes on from there; the last batch removes the marker.
