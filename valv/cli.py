@@ -166,7 +166,7 @@ def _add_central(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
                   "(1s-1h), so a sidecar notices a dead stream")
     env_flag(p, "--sidecar-material-ttl", "VALV_SIDECAR_MATERIAL_TTL", default="60s",
              help="the longest a sidecar may serve key material it fetched, whole seconds "
-                  "(1s-1h): a sidecar keeps the shorter of this and its own --cache-ttl, so "
+                  "(1s-1h): a sidecar keeps the shorter of this and its own cache TTL, so "
                   "this caps how long a revocation takes where a sidecar's watch is cut")
     env_flag(p, "--root-policy-file", "VALV_ROOT_POLICY_FILE",
              help="JSON IAM policy granted on every resource, e.g. {\"bindings\": [{\"role\": "
