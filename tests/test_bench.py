@@ -190,7 +190,8 @@ def test_bench_sidecar_suite_produces_every_row_and_the_sidecar_figures() -> Non
                     "--sidecar-calls", "300", "--memory", "--memory-versions", "40")
     _check_rows(report, {("a. echo (floor)", "tcp"), ("a. echo (floor)", "unix"),
                          ("b. sidecar", "tcp"), ("b. sidecar", "unix"),
-                         ("c. central", "tcp"), ("d. central+2ms", "tcp")}, 40)
+                         ("c. central", "tcp"), ("c. central", "unix"),
+                         ("d. central+2ms", "tcp")}, 40)
     remote = [r for r in report["rows"] if r["server"] == "d. central+2ms"]
     assert all(r["p50_ms"] >= 2 for r in remote)
     assert report["injected_rtt_p50_ms"] > 0

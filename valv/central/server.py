@@ -223,13 +223,21 @@ class CentralServer:
         # store, or a restored one, gets a new epoch here). After the audit log's
         # startup check, which must see a new store as empty.
         await self.auditor.wait_open()
-        # A backup of a FoundationDB store holds the log entries its writers had
-        # staged and not yet numbered; restored anywhere, they are numbered now,
-        # before this central writes anything (in the followers' order).
-        await changelog.sequence(self._store, always=True)
-        await self.auditor.log.chain(always=True)
-        await journal.sequence(self._store, always=True)
-        await changelog.ensure_epoch(self._store)
+        try:
+            # A backup of a FoundationDB store holds the log entries its writers
+            # had staged and not yet numbered; restored anywhere, they are
+            # numbered now, before this central writes anything (in the
+            # followers' order).
+            await changelog.sequence(self._store, always=True)
+            await self.auditor.log.chain(always=True)
+            await journal.sequence(self._store, always=True)
+            await changelog.ensure_epoch(self._store)
+        except Exception:
+            # E.g. records sealed under a root key that is no longer configured:
+            # serve anyway, so each call can say what is wrong (as the audit
+            # log's own startup check does); Watch streams fail until it is fixed.
+            log.exception("could not number staged log entries or read the change log's "
+                          "epoch at startup; serving anyway")
         self.calls.auditor = self.auditor
         # IAM policies inherit root -> key ring -> crypto key; the Authorizer
         # checks every call against them (not in dev mode). Policies are cached
