@@ -57,11 +57,26 @@ async def test_the_limit_is_released_so_finished_streams_are_freed_at_once() -> 
             return {"/t.Echo/Echo": grpclib.const.Handler(
                 self.echo, grpclib.const.Cardinality.UNARY_UNARY, bytes, bytes)}
 
+    class GuardedEcho:
+        """Echo behind central's own call guard (dev mode), which wraps the
+        stream's recv_message too."""
+
+        async def echo(self, stream: object) -> None:
+            request = await stream.recv_message()  # type: ignore[attr-defined]
+            await stream.send_message(request)  # type: ignore[attr-defined]
+
+        def __mapping__(self) -> dict[str, grpclib.const.Handler]:
+            from valv.central.calls import Calls
+
+            return Calls().guard_mapping({"/t.Echo/Echo": grpclib.const.Handler(
+                self.echo, grpclib.const.Cardinality.UNARY_UNARY, bytes, bytes)})
+
     def live_streams() -> int:
         return sum(isinstance(o, grpclib.protocol.Stream) for o in gc.get_objects())
 
-    async def streams_left_after(calls: int, release: bool) -> int:
-        server = Server([Echo(release)], codec=_BytesCodec())
+    async def streams_left_after(calls: int, release: bool, guarded: bool = False) -> int:
+        servable: object = GuardedEcho() if guarded else Echo(release)
+        server = Server([servable], codec=_BytesCodec())
         await server.start("127.0.0.1", 0)
         port = server._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         channel = Channel("127.0.0.1", port, codec=_BytesCodec())
@@ -86,6 +101,7 @@ async def test_the_limit_is_released_so_finished_streams_are_freed_at_once() -> 
 
     assert await streams_left_after(50, release=False) >= 50  # the cycle is real
     assert await streams_left_after(50, release=True) < 5
+    assert await streams_left_after(50, release=True, guarded=True) < 5
 
 
 class _BytesCodec:

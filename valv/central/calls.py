@@ -153,7 +153,10 @@ class Calls:
                 await self.auditor.finished(call, None)
             finally:
                 tracker.leave()
-                release_request_limit(stream)  # no reference cycle left behind
+                # No reference cycle left behind: both wrappers hold bound
+                # methods of the streams they sit on.
+                release_request_limit(stream)
+                vars(stream).pop("recv_message", None)  # _authorize_on_receive's
 
         return guarded
 
