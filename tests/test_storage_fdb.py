@@ -739,8 +739,8 @@ async def test_sqlite_has_no_watches(tmp_path: Path) -> None:
 class _WatchingStore(Store):
     """A SqliteStore that claims watches, driven by the test: not an FDB double."""
 
-    def __init__(self, path: Path) -> None:
-        self.inner = SqliteStore(path)
+    def __init__(self, path: Path, *, versionstamps: bool = False) -> None:
+        self.inner = SqliteStore(path, versionstamps=versionstamps)
         self.calls: list[tuple[bytes, float]] = []
         self.change = asyncio.Event()
         self.called = asyncio.Event()
@@ -754,6 +754,10 @@ class _WatchingStore(Store):
     @property
     def supports_watches(self) -> bool:
         return True
+
+    @property
+    def supports_versionstamps(self) -> bool:
+        return self.inner.supports_versionstamps
 
     async def run(self, body: Callable[[Transaction], Any], *, read_only: bool = False) -> Any:
         return await self.inner.run(body, read_only=read_only)
@@ -852,6 +856,43 @@ async def test_a_change_before_the_watch_is_armed_is_not_missed(tmp_path: Path) 
         # The watch never fires (store.change is never set), the fallback is an hour.
         await asyncio.wait_for(follower._idle(asyncio.Event()), 10)
         assert len(store.calls) == 1
+    finally:
+        await store.close()
+
+
+async def test_staged_audit_records_are_numbered_without_a_change_to_the_log(
+        tmp_path: Path) -> None:
+    """On FoundationDB the follower reads the log only when its head moves; audit
+    records (data access, denials) don't move it, yet are chained within the poll
+    interval. Here the watch never fires and nobody calls wake()."""
+    from valv.core.audit import AuditEntry, AuditLog, RecordKind
+
+    raw = _WatchingStore(tmp_path / "valv.db", versionstamps=True)
+    store = journaled_store(raw, Sealer(RootKeyring([RootKey(b"\x01" * 32)])), lambda: 0)
+    clock = FakeClock()
+    log = AuditLog(store, clock)
+    follower = changelog.ChangeFollower(store, clock, [], poll_interval_s=0.02,
+                                        watch_fallback_s=3600, sequencers=[log.chain])
+    stop = asyncio.Event()
+    try:
+        await log.open()
+        await follower.start()
+        task = asyncio.create_task(follower.run(stop))
+        await asyncio.wait_for(raw.called.wait(), 10)  # idle on the watch
+        await log.write([AuditEntry(kind=RecordKind.ADMIN_ACTIVITY, principal="user:a@x.com",
+                                    auth_method="token", rpc="Staged", resource="projects/p")])
+
+        async def chained() -> None:
+            while True:
+                head = await log.head()
+                if head is not None and head.seq == 1:
+                    return
+                await asyncio.sleep(0.01)
+
+        await asyncio.wait_for(chained(), 10)
+        assert not raw.change.is_set() and len(raw.calls) == 1  # the watch never fired
+        stop.set()
+        await asyncio.wait_for(task, 10)
     finally:
         await store.close()
 

@@ -46,7 +46,7 @@ On FoundationDB that would make every audited transaction conflict on the
 head key, so there versionstamps order the log instead: the record is staged
 at ``("audit-stage", <versionstamp>)`` (a key FDB completes at commit, in
 commit order, with no read), and ``chain`` (every central's change follower
-runs it before each poll, so within a poll interval) links staged records
+runs it every poll interval, 0.2 s) links staged records
 into the chain in that order: seq, prev_hash, hash, head. Only chain passes
 touch the head; FDB reruns the one that loses a race.
 

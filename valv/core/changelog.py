@@ -38,12 +38,14 @@ listeners (and the sidecars' Watch streams, valv.core.changehub) in
 milliseconds. The poll interval then only bounds changes through other
 centrals. Whatever learns of a commit can call ``wake()``. On a store that
 watches keys (FoundationDB: ``Store.supports_watches``) the follower does not
-poll: it waits on a watch of the head key, which every numbered change moves
-(the central that made a change numbers it at once, through ``wake()``), so
-a change through another central arrives in milliseconds too. The watch is
-armed before the head is read again, so nothing falls between a poll and the
-watch; ``WATCH_FALLBACK_S`` (10 s) only bounds the wait, for entries staged
-by a central that crashed before numbering them and for a failing watch.
+poll the log: it waits on a watch of the head key, which every numbered change
+moves (the central that made a change numbers it at once, through ``wake()``),
+so a change through another central arrives in milliseconds too. The watch is
+armed before the head is read again, so nothing falls between a read and the
+watch; ``WATCH_FALLBACK_S`` (10 s) only bounds the wait, for a failing watch.
+What writers stage is numbered by every central every ``poll_interval_s``
+(``_sequence_staged_until``: snapshot reads of the staging prefixes), which
+also covers a central that crashed before numbering its own change.
 ``read_since`` is the same read for the sidecar Watch stream.
 
 Retention: entries older than RETENTION (1 hour) are trimmed, a bounded batch
@@ -290,15 +292,22 @@ class ChangeFollower:
         """Begin at the current head: caches start empty, so older changes don't matter."""
         self.seen = await head(self._store)
 
+    async def sequence_staged(self) -> int:
+        """Number what writers (through any central) left staged, on a store with
+        versionstamps: the change log, then the other logs, the journal last
+        (sequencing the others journals staged entries of its own). How many
+        change-log entries were numbered."""
+        if not self._store.supports_versionstamps:
+            return 0
+        numbered = await sequence(self._store)
+        for sequencer in self._sequencers:
+            await sequencer()
+        await journal.sequence(self._store)
+        return numbered
+
     async def poll(self) -> int:
         """Read and apply everything new; how many entries were applied."""
-        if self._store.supports_versionstamps:
-            # Number what changes (through any central) left staged. The journal
-            # last: sequencing the others journals (staged) entries of their own.
-            await sequence(self._store)
-            for sequencer in self._sequencers:
-                await sequencer()
-            await journal.sequence(self._store)
+        await self.sequence_staged()
         if self.seen is None:
             # start() failed (e.g. the head is unreadable): begin now, and drop
             # whatever was cached meanwhile, as after a gap.
@@ -324,7 +333,40 @@ class ChangeFollower:
                 return applied
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Poll every ``poll_interval_s`` (and trim now and then) until ``stop`` is set."""
+        """Poll every ``poll_interval_s`` (on a store with watches: when the head
+        moves), and trim now and then, until ``stop`` is set."""
+        sequencing: asyncio.Task[None] | None = None
+        if self._store.supports_versionstamps and self._store.supports_watches:
+            sequencing = asyncio.create_task(self._sequence_staged_until(stop))
+        try:
+            await self._follow(stop)
+        finally:
+            if sequencing is not None:
+                sequencing.cancel()
+                await asyncio.gather(sequencing, return_exceptions=True)
+
+    async def _sequence_staged_until(self, stop: asyncio.Event) -> None:
+        """On FoundationDB the follower reads the log only when its head moves, but
+        the audit records and journal entries writers stage don't move it: number
+        them every ``poll_interval_s`` (three snapshot range reads, empty when
+        idle), so none stays staged (deletable unnoticed) for long. Change-log
+        entries numbered here move the head, which wakes every follower."""
+        failing = False
+        while not stop.is_set():
+            try:
+                await self.sequence_staged()
+                failing = False
+            except Exception:
+                if not failing:
+                    log.exception("numbering staged log entries failed; retrying every "
+                                  "%.1f s", self.poll_interval_s)
+                failing = True
+            try:
+                await asyncio.wait_for(stop.wait(), self.poll_interval_s)
+            except TimeoutError:
+                pass
+
+    async def _follow(self, stop: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
         next_trim = loop.time()
         failing = False
@@ -414,3 +456,5 @@ class ChangeFollower:
             everything: list[asyncio.Future[Any]] = [*waiters, watch, is_armed]
             for future in everything:
                 future.cancel()
+            if watch.done() and not watch.cancelled():
+                watch.exception()  # retrieved: no "exception was never retrieved"
