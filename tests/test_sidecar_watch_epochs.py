@@ -36,3 +36,7 @@ async def test_a_hello_of_another_epoch_drops_everything() -> None:
     watcher._handle(pb.WatchEvent(type=HELLO, seq=5, epoch=b"\x02" * 16), 15.0)
     assert len(cache) == 0
     assert watcher._epoch == b"\x02" * 16
+    # A HELLO without an epoch proves nothing about the position: start clean too.
+    await cached(cache)
+    watcher._handle(pb.WatchEvent(type=HELLO, seq=5), 15.0)
+    assert len(cache) == 0

@@ -292,6 +292,20 @@ def test_a_position_from_another_epoch_resets(fresh_central: CentralProcess,
         assert [(e.type, e.seq) for e in stale.events[:2]] == [(HELLO, hello.seq),
                                                                (RESET, hello.seq)]
         assert stale.events[0].epoch == hello.epoch
+    # A store that lost its epoch (a restore finished while this central ran) gets
+    # a new one from the next stream; the old position resets.
+    import sqlite3
+    from contextlib import closing
+
+    from valv.core import records
+    with closing(sqlite3.connect(fresh_central.data_dir / "valv.db")) as db, db:
+        db.execute("DELETE FROM kv WHERE k = ?", (records.CHANGE_EPOCH_KEY,))
+    renewed = Watcher(fresh_central, after_seq=hello.seq, epoch=hello.epoch)
+    watchers.append(renewed)
+    renewed.wait(lambda events: len(events) >= 2, "HELLO and RESET")
+    assert [e.type for e in renewed.events[:2]] == [HELLO, RESET]
+    assert len(renewed.events[0].epoch) == 16 and renewed.events[0].epoch != hello.epoch
+    hello = renewed.events[0]
     # The same position with its own epoch resumes without a RESET.
     same = Watcher(fresh_central, after_seq=hello.seq, epoch=hello.epoch)
     watchers.append(same)

@@ -223,6 +223,9 @@ class CentralServer:
         # store, or a restored one, gets a new epoch here). After the audit log's
         # startup check, which must see a new store as empty.
         await self.auditor.wait_open()
+        # Each step on its own: e.g. records sealed under a root key that is no
+        # longer configured fail it; central serves anyway, so each call can say
+        # what is wrong (as the audit log's own startup check does).
         try:
             # A backup of a FoundationDB store holds the log entries its writers
             # had staged and not yet numbered; restored anywhere, they are
@@ -231,13 +234,14 @@ class CentralServer:
             await changelog.sequence(self._store, always=True)
             await self.auditor.log.chain(always=True)
             await journal.sequence(self._store, always=True)
+        except Exception:
+            log.exception("could not number staged log entries at startup; serving anyway")
+        try:
             await changelog.ensure_epoch(self._store)
         except Exception:
-            # E.g. records sealed under a root key that is no longer configured:
-            # serve anyway, so each call can say what is wrong (as the audit
-            # log's own startup check does); Watch streams fail until it is fixed.
-            log.exception("could not number staged log entries or read the change log's "
-                          "epoch at startup; serving anyway")
+            # Watch streams make it when they start, or fail saying why.
+            log.exception("could not read or make the change log's epoch at startup; "
+                          "serving anyway")
         self.calls.auditor = self.auditor
         # IAM policies inherit root -> key ring -> crypto key; the Authorizer
         # checks every call against them (not in dev mode). Policies are cached

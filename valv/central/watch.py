@@ -154,10 +154,13 @@ class _Stream:
             raise GRPCError(Status.UNAVAILABLE, SHUTTING_DOWN) from None
         with subscription:
             head, epoch = await changelog.head_and_epoch(w._store)
+            if not epoch:  # central could not make it at startup: make it now
+                epoch = await changelog.ensure_epoch(w._store)
             self.last = self._after or head
             yield self._sent(Event(type=EventType.HELLO, seq=self.last,
                                    heartbeat_seconds=w.settings.heartbeat_s, epoch=epoch))
-            if self._after and self._epoch != epoch:
+            # An empty epoch proves nothing: only the same, known epoch resumes.
+            if self._after and (not self._epoch or self._epoch != epoch):
                 yield await self._reset("after_seq is from another epoch of the change log "
                                         "(the store was restored)")
             elif self._after > head:

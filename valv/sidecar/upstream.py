@@ -295,7 +295,7 @@ class Watcher:
     def _handle(self, event: sidecar_v1.WatchEvent, silence_limit: float) -> float:
         types = sidecar_v1.WatchEventType
         if event.type == types.HELLO:
-            resumed = self._seq != 0 and event.epoch == self._epoch
+            resumed = self._seq != 0 and bool(event.epoch) and event.epoch == self._epoch
             if not resumed:
                 # Material fetched before the stream was up may have changed
                 # since (or the seqs it came with belong to a store since
