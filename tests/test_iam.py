@@ -154,6 +154,9 @@ def test_policy_size_limits() -> None:
 def test_the_sidecar_role_is_for_the_root_policy_only(tmp_path: Path) -> None:
     with pytest.raises(InvalidArgument, match="only be granted in the root policy"):
         iam.check_policy([b(iam.SIDECAR_ROLE, "serviceAccount:s@x.com")])
+    for broad in ("allAuthenticatedUsers", "domain:x.com"):
+        with pytest.raises(InvalidArgument, match="one by one"):
+            iam.check_policy([b(iam.SIDECAR_ROLE, broad)], root=True)
     path = tmp_path / "root.json"
     path.write_text(json.dumps({"bindings": [
         {"role": iam.SIDECAR_ROLE, "members": ["serviceAccount:s@x.com"]}]}))

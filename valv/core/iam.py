@@ -291,6 +291,13 @@ def check_policy(bindings: Iterable[BindingInput], *, version: int = 1,
             raise InvalidArgument(
                 f"role {binding.role!r} can only be granted in the root policy "
                 "(central's --root-policy-file), not on a KeyRing or CryptoKey")
+        if binding.role == SIDECAR_ROLE:
+            broad = [m for m in binding.members
+                     if m == ALL_AUTHENTICATED_USERS or m.startswith("domain:")]
+            if broad:
+                raise InvalidArgument(
+                    f"role {SIDECAR_ROLE!r} hands out unwrapped keys: grant it to the "
+                    f"identities your sidecars run as, one by one, not to {broad[0]!r}")
         members = merged.setdefault(binding.role, {})
         for member in binding.members:
             members[check_member(member)] = None
