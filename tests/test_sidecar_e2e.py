@@ -1020,13 +1020,15 @@ def test_changes_missed_while_the_watch_was_down_are_replayed_on_reconnect(
 
 @pytest.mark.parametrize("whose", ["sidecar", "central"])
 def test_an_entry_is_fetched_again_after_its_ttl(tmp_path: Path, dev: Pair, whose: str) -> None:
-    """The sidecar's --cache-ttl, or central's shorter --sidecar-material-ttl."""
+    """The sidecar's --cache-ttl, or central's shorter --sidecar-material-ttl. 4 s: the
+    four calls below must come before refresh-ahead starts (the TTL's last fifth), or
+    a loaded machine could see a second fetch."""
     central: CentralProcess | None = None
     if whose == "sidecar":
         key = make_key(dev.admin, make_ring(dev.admin))
-        sidecar = dev.spawn_sidecar(tmp_path, "--cache-ttl", "2s")
+        sidecar = dev.spawn_sidecar(tmp_path, "--cache-ttl", "4s")
     else:
-        central = CentralProcess(tmp_path / "central", "--sidecar-material-ttl", "2s").start()
+        central = CentralProcess(tmp_path / "central", "--sidecar-material-ttl", "4s").start()
         admin = As(central.client(), None)
         key = make_key(admin, make_ring(admin))
         sidecar = SidecarProcess(tmp_path, central.addr).start()  # its own TTL: 60 s
@@ -1043,7 +1045,7 @@ def test_an_entry_is_fetched_again_after_its_ttl(tmp_path: Path, dev: Pair, whos
 
         wait_for(lambda: sidecar.metric("valv_sidecar_cache_expirations_total") >= 1,
                  deadline_s=10, what="the entry to expire", interval_s=0.05)
-        assert time.monotonic() - started >= 2.0
+        assert time.monotonic() - started >= 4.0
         after = sidecar.metrics()
         assert after["valv_sidecar_cache_entries"] == 0
         assert after["valv_sidecar_central_fetches_total"] == 1
@@ -1111,25 +1113,82 @@ def test_concurrent_misses_share_one_fetch(tmp_path: Path, dev: Pair) -> None:
         assert sidecar.stop() == 0
 
 
+class GatedProxy:
+    """A TCP proxy to central that can hold what central sends back (``hold``)
+    until ``release``: a fetch then stays in flight exactly as long as a test
+    needs, with no timing assumptions. Runs on an event loop of its own thread."""
+
+    def __init__(self, upstream: str) -> None:
+        self.upstream = upstream.rsplit(":", 1)
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.open = asyncio.Event()  # set: central's bytes flow (created on self.loop)
+        self.server: asyncio.AbstractServer | None = None
+        self.port = 0
+
+    def start(self) -> GatedProxy:
+        self.thread.start()
+
+        async def start() -> int:
+            self.open.set()
+            self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+            return int(self.server.sockets[0].getsockname()[1])
+
+        self.port = asyncio.run_coroutine_threadsafe(start(), self.loop).result(10)
+        return self
+
+    def hold(self) -> None:
+        self.loop.call_soon_threadsafe(self.open.clear)
+
+    def release(self) -> None:
+        self.loop.call_soon_threadsafe(self.open.set)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        host, port = self.upstream
+        up_reader, up_writer = await asyncio.open_connection(host, int(port))
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter,
+                       gated: bool) -> None:
+            try:
+                while data := await src.read(65536):
+                    if gated:
+                        await self.open.wait()
+                    dst.write(data)
+                    await dst.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer, False), pipe(up_reader, writer, True))
+
+    def stop(self) -> None:
+        async def stop() -> None:
+            self.open.set()
+            if self.server is not None:
+                self.server.close()
+
+        asyncio.run_coroutine_threadsafe(stop(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
 def test_a_short_caller_deadline_does_not_fail_the_shared_fetch(tmp_path: Path,
                                                                 dev: Pair) -> None:
-    """The first caller to miss has 0.1 s; central is 0.3 s away. Its call ends with
-    DEADLINE_EXCEEDED, while the fetch it started goes on and serves a second caller
-    who joined it (before, the fetch inherited the first caller's deadline and failed
-    everyone with UNAVAILABLE)."""
-    from valv.bench import DelayProxy
-
+    """The first caller to miss has 0.3 s; central's answer to the fetch it starts is
+    held back (a gated proxy) until that call has ended with DEADLINE_EXCEEDED and a
+    second caller has joined the fetch. Released, the fetch serves the second caller
+    (before, it inherited the first caller's deadline and failed everyone with
+    UNAVAILABLE)."""
     key = make_key(dev.admin, make_ring(dev.admin))
-    host, port = dev.central.addr.rsplit(":", 1)
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    proxy = DelayProxy(host, int(port), one_way_delay_s=0.15)
-    bound = asyncio.run_coroutine_threadsafe(proxy.start(), loop).result(10)
-    sidecar = SidecarProcess(tmp_path, f"127.0.0.1:{bound}")
+    proxy = GatedProxy(dev.central.addr).start()
+    sidecar = SidecarProcess(tmp_path, f"127.0.0.1:{proxy.port}")
     try:
         sidecar.start()
         before = sidecar.metrics()
+
+        def moved(name: str) -> float:
+            return metric_delta(before, sidecar.metrics(), name)
 
         async def both() -> list[Any]:
             channel = grpc.aio.insecure_channel(sidecar.addr)
@@ -1137,33 +1196,38 @@ def test_a_short_caller_deadline_does_not_fail_the_shared_fetch(tmp_path: Path,
                 transport=KeyManagementServiceGrpcAsyncIOTransport(channel=channel))
             try:
                 await channel.channel_ready()
+                proxy.hold()
                 short = asyncio.ensure_future(client.encrypt(
-                    request={"name": key, "plaintext": b"dek"}, retry=None, timeout=0.1))
-                # The second caller joins once the first one's miss has started the fetch.
+                    request={"name": key, "plaintext": b"dek"}, retry=None, timeout=0.3))
                 await asyncio.to_thread(
-                    wait_for, lambda: metric_delta(before, sidecar.metrics(),
-                                                   "valv_sidecar_central_fetches_total") == 1,
+                    wait_for, lambda: moved("valv_sidecar_central_fetches_total") == 1,
                     deadline_s=10, what="the first caller's fetch", interval_s=0.01)
-                patient = client.encrypt(request={"name": key, "plaintext": b"dek"},
-                                         retry=None, timeout=10)
+                patient = asyncio.ensure_future(client.encrypt(
+                    request={"name": key, "plaintext": b"dek"}, retry=None, timeout=30))
+                # Both missed (the second joined the fetch in flight); the first is over.
+                await asyncio.to_thread(
+                    wait_for, lambda: moved("valv_sidecar_cache_misses_total") == 2,
+                    deadline_s=10, what="the second caller to join the fetch",
+                    interval_s=0.01)
+                await asyncio.wait({short}, timeout=10)
+                assert short.done()
+                proxy.release()
                 return list(await asyncio.gather(short, patient, return_exceptions=True))
             finally:
+                proxy.release()
                 await channel.close()
 
         short, patient = asyncio.run(both())
         assert isinstance(short, gexc.DeadlineExceeded), short
         assert isinstance(patient, kms_v1.EncryptResponse), patient
-        moved = {name: metric_delta(before, sidecar.metrics(), name) for name in (
-            "valv_sidecar_central_fetches_total", "valv_sidecar_central_fetch_failures_total")}
-        assert moved == {"valv_sidecar_central_fetches_total": 1,
-                         "valv_sidecar_central_fetch_failures_total": 0}
+        assert {name: moved(name) for name in (
+            "valv_sidecar_central_fetches_total", "valv_sidecar_central_fetch_failures_total")
+        } == {"valv_sidecar_central_fetches_total": 1,
+              "valv_sidecar_central_fetch_failures_total": 0}
     finally:
         if sidecar.proc is not None:
             assert sidecar.stop() == 0
-        asyncio.run_coroutine_threadsafe(proxy.close(), loop).result(10)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
-        loop.close()
+        proxy.stop()
 
 
 # ---- 10. a change through another central --------------------------------------------------------
