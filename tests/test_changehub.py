@@ -4,6 +4,7 @@ stream's resume logic, in process."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncGenerator
 from datetime import timedelta
 from pathlib import Path
 
@@ -155,12 +156,18 @@ async def test_wake_polls_at_once(tmp_path: Path) -> None:
 
 
 class Stream:
-    """One Watch stream's events, as central makes them (dev mode: no filtering)."""
+    """One Watch stream's events, as central makes them (dev mode: no filtering).
+    A resumed one sends the store's change-log epoch, as a sidecar does."""
 
     def __init__(self, watches: Watches, after_seq: int) -> None:
-        self.events = watches.events(None, after_seq)
+        self._watches = watches
+        self._after_seq = after_seq
+        self.events: AsyncGenerator[pb.WatchEvent, None] | None = None
 
     async def next(self, timeout: float = 5) -> pb.WatchEvent:
+        if self.events is None:
+            epoch = await changelog.ensure_epoch(self._watches._store)
+            self.events = self._watches.events(None, self._after_seq, epoch)
         return await asyncio.wait_for(anext(self.events), timeout)
 
     async def take(self, n: int) -> list[tuple[pb.WatchEventType, int, str]]:
@@ -201,6 +208,7 @@ async def test_catch_up_then_live_without_duplicates_or_holes(tmp_path: Path) ->
         hub.changed(Change(7, 0, changelog.VERSION, f"{KEY}/cryptoKeyVersions/4"))
         assert await resumed.take(1) == [(CHANGE, 7, f"{KEY}/cryptoKeyVersions/4")]
         for events in (stream.events, resumed.events):
+            assert events is not None
             await events.aclose()
         assert hub.subscribers == 0
 
@@ -233,4 +241,5 @@ async def test_unknown_kinds_reset_and_heartbeats_carry_the_position(tmp_path: P
         assert events[2].kind == pb.ChangeKind.ROOT_KEYS and events[2].resource == ""
         heartbeat = await stream.next(timeout=3)
         assert (heartbeat.type, heartbeat.seq) == (HEARTBEAT, 4)
+        assert stream.events is not None
         await stream.events.aclose()

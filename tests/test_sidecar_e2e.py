@@ -1481,13 +1481,15 @@ def test_configured_from_the_environment_with_a_group_socket(tmp_path: Path,
     """Every flag has its VALV_* variable: here the unix socket, its mode (0660: an
     application container in the socket's group) and the cache TTL."""
     path = tmp_path / "kms.sock"
+    # The key first: its creation's events must not reach the sidecar after the fetch
+    # (they would drop the entry before its TTL).
+    key = make_key(dev.admin, make_ring(dev.admin))
     sidecar = SidecarProcess(tmp_path, dev.central.addr, env={
         "VALV_UNIX_SOCKET": str(path), "VALV_UNIX_SOCKET_MODE": "0660",
         "VALV_CACHE_TTL": "2s"})
     try:
         sidecar.start()
         assert os.stat(path).st_mode & 0o777 == 0o660
-        key = make_key(dev.admin, make_ring(dev.admin))
         local = As(sidecar.unix_client(), None)
         assert local.encrypt(name=key, plaintext=b"dek").ciphertext
         wait_for(lambda: sidecar.metric("valv_sidecar_cache_expirations_total") >= 1,
