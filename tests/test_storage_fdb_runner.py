@@ -189,6 +189,14 @@ class Counter:
         self.runs = 0
 
 
+class CountingWrite(Counter):
+    """A transaction body that writes K and counts how often it ran."""
+
+    def __call__(self, tr: Transaction) -> None:
+        self.runs += 1
+        tr.set(K, b"v")
+
+
 async def test_a_conflict_at_commit_runs_the_body_again(client: FakeClient,
                                                         make_store: Any) -> None:
     store = make_store()
@@ -213,12 +221,7 @@ async def test_a_commit_of_unknown_outcome_is_never_run_again(client: FakeClient
     timeout while committing: the body is not idempotent, so it is not rerun."""
     store = make_store()
     client.fail["commit"] = [code]
-    ran = Counter()
-
-    def body(tr: Transaction) -> None:
-        ran.runs += 1
-        tr.set(K, b"v")
-
+    body = ran = CountingWrite()
     with pytest.raises(FdbCommitUnknownError, match="may or may not have been committed"):
         await store.run(body)
     assert ran.runs == 1
@@ -249,12 +252,7 @@ async def test_a_swallowed_read_error_still_reruns_the_attempt(client: FakeClien
 async def test_a_limit_error_is_final_and_says_so(client: FakeClient, make_store: Any) -> None:
     store = make_store()
     client.fail["commit"] = [2101]  # transaction_too_large
-    ran = Counter()
-
-    def body(tr: Transaction) -> None:
-        ran.runs += 1
-        tr.set(K, b"v")
-
+    body = ran = CountingWrite()
     with pytest.raises(FdbLimitExceededError, match="10 MB"):
         await store.run(body)
     assert ran.runs == 1 and client.commits == 0
@@ -264,12 +262,7 @@ async def test_the_retry_limit_ends_a_conflict_storm(client: FakeClient,
                                                      make_store: Any) -> None:
     store = make_store(retry_limit=3)
     client.fail["commit"] = [1020] * 10
-    ran = Counter()
-
-    def body(tr: Transaction) -> None:
-        ran.runs += 1
-        tr.set(K, b"v")
-
+    body = ran = CountingWrite()
     with pytest.raises(FdbUnavailableError, match=r"not_committed.*4 attempt"):
         await store.run(body)
     assert ran.runs == 4 and client.commits == 0

@@ -281,31 +281,27 @@ def _audit_flush_interval(text: str) -> float:
     return interval.total_seconds()
 
 
+def _whole_seconds(text: str, flag: str, high: int) -> int:
+    """A duration flag that must be a whole number of seconds from 1 to ``high``."""
+    try:
+        duration = parse_duration(text)
+    except argparse.ArgumentTypeError as exc:
+        raise argparse.ArgumentTypeError(f"{flag}: {exc}") from None
+    seconds = 0.0 if duration is None else duration.total_seconds()
+    if not 1 <= seconds <= high or seconds != int(seconds):
+        raise argparse.ArgumentTypeError(
+            f"{flag} {text!r} must be a whole number of seconds between 1s and 1h")
+    return int(seconds)
+
+
 def _watch_heartbeat(text: str) -> int:
     from valv.central.watch import MAX_HEARTBEAT_S
 
-    try:
-        interval = parse_duration(text)
-    except argparse.ArgumentTypeError as exc:
-        raise argparse.ArgumentTypeError(f"--watch-heartbeat: {exc}") from None
-    seconds = 0.0 if interval is None else interval.total_seconds()
-    if not 1 <= seconds <= MAX_HEARTBEAT_S or seconds != int(seconds):
-        raise argparse.ArgumentTypeError(
-            f"--watch-heartbeat {text!r} must be a whole number of seconds between 1s and 1h")
-    return int(seconds)
+    return _whole_seconds(text, "--watch-heartbeat", MAX_HEARTBEAT_S)
 
 
 def _sidecar_material_ttl(text: str) -> int:
-    try:
-        ttl = parse_duration(text)
-    except argparse.ArgumentTypeError as exc:
-        raise argparse.ArgumentTypeError(f"--sidecar-material-ttl: {exc}") from None
-    seconds = 0.0 if ttl is None else ttl.total_seconds()
-    if not 1 <= seconds <= 3600 or seconds != int(seconds):
-        raise argparse.ArgumentTypeError(
-            f"--sidecar-material-ttl {text!r} must be a whole number of seconds between 1s "
-            "and 1h")
-    return int(seconds)
+    return _whole_seconds(text, "--sidecar-material-ttl", 3600)
 
 
 def _root_policy(path: str | None) -> Policy | None:
